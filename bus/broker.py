@@ -1,0 +1,383 @@
+"""The bus broker: one per member, like Momentum's msgc server per node.
+
+Sockets::
+
+    local  ROUTER  ipc://<run>/bus.ipc      services and local clients (DEALER)
+    local  PUB     ipc://<run>/events.ipc   events to local subscribers (SUB)
+    tcp    ROUTER  tcp://addr:bus_port      CURVE server: peer brokers and admin clients
+    tcp    PUB     tcp://addr:pub_port      CURVE server: events to peer brokers
+    per peer DEALER -> peer's tcp ROUTER    CURVE client, IMMEDIATE
+    per peer SUB    -> peer's tcp PUB       CURVE client, subscribed to everything
+
+Routing rules (pure: :func:`route`):
+  * req/cast for this member go to the local service ``svc:<ds>``; for another member to
+    that member's DEALER. Nobody there -> an error reply, at once (never a silent wait).
+  * rep goes to the client ``ds`` at this member (on whichever ROUTER it came from) or on
+    to member ``dm``.
+  * pub from a local client goes to the local PUB and the tcp PUB; pub from a peer goes to
+    the local PUB only (no re-flooding).
+
+Trust: ipc clients are local processes behind a 0700 run directory; the broker stamps
+their member name into ``src``. On the tcp ROUTER, ZAP has authenticated the key; a peer
+broker's messages must carry its own name in ``src`` (else dropped as spoofed); any other
+key (the admin CLI) may only send req/cast and is treated as a client of this member.
+Malformed frames are counted and dropped; nothing a peer sends can stop the loop.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from bus import envelope as ch
+from bus import keys as keymod
+from bus import transport
+from ecluster.clusterfile import Cluster, Member
+
+log = logging.getLogger("ecluster.broker")
+
+BUS_SERVICE = "bus"          # the broker answers calls addressed to this service name
+HB_TOPIC = b"$hb"             # broker-to-broker heartbeat, never delivered to services
+EXTERNAL_PREFIX = "x:"        # client ids of admin clients on the tcp ROUTER
+MAX_IPC_PATH = 100            # AF_UNIX sun_path is 108 bytes; keep a margin
+
+
+class BrokerError(RuntimeError):
+    """The broker cannot start; one-line message."""
+
+
+@dataclass
+class Counters:
+    routed: int = 0
+    events_local: int = 0
+    events_remote: int = 0
+    malformed: int = 0
+    spoofed: int = 0
+    refused: int = 0
+    unreachable: int = 0
+    no_service: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PeerLink:
+    name: str
+    dealer: zmq.Socket
+    sub: zmq.Socket
+    last_heard: float = 0.0
+    events: int = 0
+
+
+@dataclass
+class Route:
+    """Where one message goes: a socket family and an address within it."""
+
+    to: str                 # "local" | "external" | "peer" | "self" | "error"
+    target: str = ""        # routing id, or peer name
+    error: dict = field(default_factory=dict)
+
+
+def route(env: ch.Envelope, me: str, peers: set[str]) -> Route:
+    """Decide where a req/cast/rep goes. Pure: no sockets."""
+    if env.kind in ("req", "cast"):
+        if env.dm == me:
+            if env.ds == BUS_SERVICE:
+                return Route("self")
+            return Route("local", f"svc:{env.ds}")
+        if env.dm in peers:
+            return Route("peer", env.dm)
+        return Route("error", error={"code": "unknown_member", "message": f"no member named {env.dm!r}"})
+    if env.kind == "rep":
+        if env.dm == me:
+            if env.ds.startswith(EXTERNAL_PREFIX):
+                return Route("external", env.ds[len(EXTERNAL_PREFIX):])
+            return Route("local", env.ds)
+        if env.dm in peers:
+            return Route("peer", env.dm)
+        return Route("error")
+    return Route("error")
+
+
+class Broker:
+    """Run with :meth:`run` (blocks until :meth:`stop` or SIGTERM)."""
+
+    def __init__(self, cluster: Cluster, member: str, ctx: zmq.Context | None = None):
+        self.cluster = cluster
+        self.me: Member = cluster.member(member)
+        self.timing = cluster.timing
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()   # own context: ZAP is one handler per context
+        self.counters = Counters()
+        self.peers: dict[str, PeerLink] = {}
+        self._stop = False
+        self.started = time.time()
+        self.pair = keymod.load(cluster.keys_dir, member)
+        self.gate: transport.Gate | None = None
+
+    # -- set-up -------------------------------------------------------------------
+    def _bind(self) -> None:
+        run = self.me.run_dir
+        run.mkdir(parents=True, exist_ok=True)
+        os.chmod(run, 0o700)
+        for ep in (self.me.ipc_router, self.me.ipc_pub):
+            if len(ep) - len("ipc://") > MAX_IPC_PATH:
+                raise BrokerError(f"socket path {ep[6:]} is too long for a unix socket; use a shorter data_dir")
+        self.gate = transport.Gate(self.ctx, self.cluster.keys_dir)
+        self.gate.start()
+        ctx = self.ctx
+        self.ipc_router = transport.make_socket(ctx, zmq.ROUTER, 200)
+        self.ipc_router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.ipc_router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.local_pub = transport.make_socket(ctx, zmq.PUB, 200)
+        self.tcp_router = transport.make_socket(ctx, zmq.ROUTER, 200)
+        self.tcp_router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.tcp_router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        transport.tcp_options(self.tcp_router, self.timing)
+        transport.curve_server(self.tcp_router, self.pair)
+        self.cluster_pub = transport.make_socket(ctx, zmq.PUB, 200)
+        transport.tcp_options(self.cluster_pub, self.timing)
+        transport.curve_server(self.cluster_pub, self.pair)
+        try:
+            self.ipc_router.bind(self.me.ipc_router)
+            self.local_pub.bind(self.me.ipc_pub)
+            self.tcp_router.bind(self.me.bus_endpoint)
+            self.cluster_pub.bind(self.me.pub_endpoint)
+        except zmq.ZMQError as e:
+            self.close()
+            raise BrokerError(f"member {self.me.name}: cannot bind its bus sockets ({e.strerror})") from None
+        for name, m in self.cluster.members.items():
+            if name == self.me.name:
+                continue
+            self._link(name, m)
+
+    def _link(self, name: str, m: Member) -> None:
+        try:
+            server = keymod.load(self.cluster.keys_dir, name, secret=False).public
+        except keymod.KeyError_ as e:
+            log.warning("no link to %s: %s", name, e)
+            return
+        dealer = transport.make_socket(self.ctx, zmq.DEALER, 200)
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        dealer.setsockopt_string(zmq.ROUTING_ID, f"b:{self.me.name}")
+        transport.tcp_options(dealer, self.timing)
+        transport.curve_client(dealer, self.pair, server)
+        dealer.connect(m.bus_endpoint)
+        sub = transport.make_socket(self.ctx, zmq.SUB, 0)
+        transport.tcp_options(sub, self.timing)
+        transport.curve_client(sub, self.pair, server)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(m.pub_endpoint)
+        self.peers[name] = PeerLink(name, dealer, sub)
+
+    def close(self) -> None:
+        for s in ("ipc_router", "local_pub", "tcp_router", "cluster_pub"):
+            sock = getattr(self, s, None)
+            if sock is not None:
+                sock.close(linger=100)
+        for p in self.peers.values():
+            p.dealer.close(linger=0)
+            p.sub.close(linger=0)
+        self.peers.clear()
+        if self.gate is not None:
+            self.gate.stop()
+            self.gate = None
+        if self._own_ctx:
+            self.ctx.term()
+        for ep in (self.me.ipc_router, self.me.ipc_pub):
+            try:
+                os.unlink(ep[len("ipc://"):])
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stop = True
+
+    # -- main loop ----------------------------------------------------------------
+    def run(self) -> None:
+        self._bind()
+        poller = zmq.Poller()
+        poller.register(self.ipc_router, zmq.POLLIN)
+        poller.register(self.tcp_router, zmq.POLLIN)
+        subs = {}
+        for p in self.peers.values():
+            poller.register(p.sub, zmq.POLLIN)
+            poller.register(p.dealer, zmq.POLLIN)   # peers never reply on it, but drain anyway
+            subs[p.sub] = p
+        hb_every = self.timing.zmq_heartbeat_ivl_ms / 1000 / 2
+        next_hb = 0.0
+        log.info("broker %s up: %s %s", self.me.name, self.me.bus_endpoint, self.me.pub_endpoint)
+        try:
+            while not self._stop:
+                now = time.monotonic()
+                if now >= next_hb:
+                    self._heartbeat()
+                    next_hb = now + hb_every
+                try:
+                    ready = dict(poller.poll(int(hb_every * 1000)))
+                except zmq.ZMQError as e:
+                    if e.errno == zmq.EINTR:
+                        continue
+                    raise
+                if self.ipc_router in ready:
+                    self._drain(self.ipc_router, self._from_local)
+                if self.tcp_router in ready:
+                    self._drain(self.tcp_router, self._from_tcp, copy=False)
+                for sock in ready:
+                    p = subs.get(sock)
+                    if p is not None:
+                        self._drain(sock, lambda frames, p=p: self._from_peer_pub(p, frames))
+                    elif sock is not self.ipc_router and sock is not self.tcp_router:
+                        self._drain(sock, lambda frames: None)
+        finally:
+            self.close()
+
+    def _drain(self, sock: zmq.Socket, handler, copy: bool = True, limit: int = 2000) -> None:
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except ch.BadMessage:
+                self.counters.malformed += 1
+            except Exception:  # never let one message kill the broker
+                self.counters.malformed += 1
+                log.exception("dropping a message that broke the handler")
+
+    def _heartbeat(self) -> None:
+        try:
+            self.cluster_pub.send_multipart([HB_TOPIC, self.me.name.encode()], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    # -- inbound ------------------------------------------------------------------
+    def _from_local(self, frames: list[bytes]) -> None:
+        # [routing_id, envelope] or, fast path for events, [routing_id, b"P", topic, envelope]
+        if len(frames) == 4 and frames[1] == b"P":
+            # Events from local clients are forwarded without decoding: subscribers check the
+            # shape (channel) and the src was stamped by the client library of a local process.
+            out = frames[2:]
+            self.local_pub.send_multipart(out, zmq.NOBLOCK)
+            self.cluster_pub.send_multipart(out, zmq.NOBLOCK)
+            self.counters.events_local += 1
+            return
+        if len(frames) != 2:
+            raise ch.BadMessage("local message with wrong frame count")
+        env = ch.unpack(frames[1])
+        env.src = self.me.name
+        env.sc = frames[0].decode("utf-8", "replace")
+        if env.kind == "pub":
+            data = ch.pack(env)
+            topic = env.topic.encode()
+            self.local_pub.send_multipart([topic, data], zmq.NOBLOCK)
+            self.cluster_pub.send_multipart([topic, data], zmq.NOBLOCK)
+            self.counters.events_local += 1
+            return
+        self._dispatch(env)
+
+    def _from_tcp(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) != 2:
+            raise ch.BadMessage("tcp message with wrong frame count")
+        user = frames[1].get("User-Id") or "?"
+        env = ch.unpack(frames[1].bytes)
+        if user in self.peers:
+            if env.src != user:
+                self.counters.spoofed += 1
+                return
+        elif user in self.cluster.members or user == "?":
+            self.counters.refused += 1       # a member we have no link to, or no key name
+            return
+        else:
+            # An admin client: may call, may not publish or reply; it is our client now.
+            if env.kind not in ("req", "cast"):
+                self.counters.refused += 1
+                return
+            env.src = self.me.name
+            env.sc = EXTERNAL_PREFIX + frames[0].bytes.hex()
+        self._dispatch(env)
+
+    def _from_peer_pub(self, peer: PeerLink, frames: list[bytes]) -> None:
+        peer.last_heard = time.monotonic()
+        if frames[0] == HB_TOPIC:
+            return
+        if len(frames) != 2:
+            raise ch.BadMessage("event with wrong frame count")
+        env = ch.unpack(frames[1])
+        if env.kind != "pub" or env.src != peer.name or env.topic.encode() != frames[0]:
+            self.counters.spoofed += 1
+            return
+        peer.events += 1
+        self.counters.events_remote += 1
+        self.local_pub.send_multipart(frames, zmq.NOBLOCK)
+
+    # -- routing ------------------------------------------------------------------
+    def _dispatch(self, env: ch.Envelope) -> None:
+        r = route(env, self.me.name, set(self.peers))
+        self.counters.routed += 1
+        if r.to == "self":
+            self._answer_self(env)
+        elif r.to == "local":
+            self._send_or_fail(self.ipc_router, [r.target.encode(), ch.pack(env)], env, "no_service",
+                               f"no service {env.ds!r} on member {self.me.name!r}")
+        elif r.to == "external":
+            self._send_or_fail(self.tcp_router, [bytes.fromhex(r.target), ch.pack(env)], env, "unreachable", "")
+        elif r.to == "peer":
+            self._send_or_fail(self.peers[r.target].dealer, [ch.pack(env)], env, "unreachable",
+                               f"member {r.target!r} is unreachable")
+        elif env.kind == "req":
+            self._reply(ch.reply_to(env, error=r.error))
+
+    def _send_or_fail(self, sock: zmq.Socket, frames: list[bytes], env: ch.Envelope, code: str, message: str) -> None:
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK)
+        except (zmq.Again, zmq.ZMQError) as e:
+            if isinstance(e, zmq.ZMQError) and not isinstance(e, zmq.Again) and e.errno != zmq.EHOSTUNREACH:
+                raise
+            setattr(self.counters, code, getattr(self.counters, code) + 1)
+            if env.kind == "req":
+                self._reply(ch.reply_to(env, error={"code": code, "message": message}))
+
+    def _reply(self, rep: ch.Envelope) -> None:
+        rep.src = self.me.name
+        r = route(rep, self.me.name, set(self.peers))
+        if r.to in ("local", "external", "peer"):
+            self._dispatch(rep)
+
+    def _answer_self(self, env: ch.Envelope) -> None:
+        if env.method == "ping":
+            result = {"member": self.me.name, "time": time.time()}
+        elif env.method == "status":
+            now = time.monotonic()
+            result = {
+                "member": self.me.name, "role": self.me.role, "cluster": self.cluster.name,
+                "uptime": round(time.time() - self.started, 3), "pid": os.getpid(),
+                "counters": self.counters.as_dict(),
+                "peers": {p.name: {"heard_ago": None if not p.last_heard else round(now - p.last_heard, 3),
+                                   "events": p.events} for p in self.peers.values()},
+            }
+        elif env.method == "reload_keys":
+            if self.gate:
+                self.gate.reload()
+            result = {"keys": len(self.gate.names) if self.gate else 0}
+        else:
+            if env.kind == "req":
+                self._reply(ch.reply_to(env, error={"code": "unknown_method", "message": f"bus has no method {env.method!r}"}))
+            return
+        if env.kind == "req":
+            self._reply(ch.reply_to(env, result=result))
+
+
+def serve(cluster: Cluster, member: str) -> None:
+    """Run a broker in the foreground until SIGTERM/SIGINT."""
+    broker = Broker(cluster, member)
+    signal.signal(signal.SIGTERM, lambda *_: broker.stop())
+    signal.signal(signal.SIGINT, lambda *_: broker.stop())
+    broker.run()

@@ -1,0 +1,97 @@
+"""Transport: ZeroMQ sockets with explicit settings, CURVE, and the ZAP gate.
+
+Every socket the bus makes comes from here, so LINGER, HWM, heartbeats, reconnect
+intervals and size limits are set in one place (the channel in :mod:`bus.envelope`
+never sees a socket).
+
+Settings and why:
+  LINGER          brokers 200 ms (flush replies on shutdown), clients 0 (never hang on exit)
+  SNDHWM/RCVHWM   50 000 messages: absorbs bursts of journal batches; beyond that a
+                  DEALER send fails fast (NOBLOCK) and the caller sees "unreachable"
+  HEARTBEAT_*     ZMTP pings on every TCP link: a dead peer's connection is torn down
+                  after the timeout, so IMMEDIATE sends fail instead of queueing forever
+  RECONNECT_IVL   base + random jitter in [0, base): members restarting together do not
+                  reconnect in lock-step
+  MAXMSGSIZE      frames above envelope.MAX_FRAME are refused by libzmq before Python sees them
+  IMMEDIATE       broker-to-broker DEALERs queue only on live connections
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+from bus import keys as keymod
+from bus.envelope import MAX_FRAME
+from ecluster.timing import Timing
+
+HWM = 50_000
+ZAP_DOMAIN = "ecluster"
+
+
+def _common(sock: zmq.Socket, linger_ms: int) -> zmq.Socket:
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+    return sock
+
+
+def tcp_options(sock: zmq.Socket, timing: Timing) -> None:
+    """Heartbeats, keepalive and jittered reconnect for a TCP socket."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, timing.zmq_heartbeat_ivl_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timing.zmq_heartbeat_timeout_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, timing.zmq_heartbeat_timeout_ms)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    base = timing.reconnect_ivl_ms
+    sock.setsockopt(zmq.RECONNECT_IVL, base + random.randint(0, base))
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, timing.reconnect_ivl_max_ms)
+
+
+def make_socket(ctx: zmq.Context, kind: int, linger_ms: int = 0) -> zmq.Socket:
+    return _common(ctx.socket(kind), linger_ms)
+
+
+def curve_server(sock: zmq.Socket, pair: keymod.KeyPair) -> None:
+    """Make ``sock`` a CURVE server with ``pair``; ZAP (see :class:`Gate`) checks clients."""
+    sock.setsockopt(zmq.CURVE_SECRETKEY, pair.secret)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, pair.public)
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+
+
+def curve_client(sock: zmq.Socket, pair: keymod.KeyPair, server_public: bytes) -> None:
+    """Make ``sock`` a CURVE client of the server whose public key is ``server_public``."""
+    sock.setsockopt(zmq.CURVE_SECRETKEY, pair.secret)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, pair.public)
+    sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
+
+
+class Gate(ThreadAuthenticator):
+    """ZAP handler: lets in exactly the public keys found in the key directory.
+
+    The authenticated User-Id of a message is the key's name (``n1``, ``m1``, ``admin``),
+    so a broker can check that a peer claiming to be ``n2`` holds ``n2``'s key.
+    ``reload()`` re-reads the directory (key rotation without restart).
+    """
+
+    def __init__(self, ctx: zmq.Context, keys_dir: Path):
+        super().__init__(ctx)
+        self.keys_dir = keys_dir
+        self.names: dict[bytes, str] = {}
+
+    def start(self) -> None:  # type: ignore[override]
+        super().start()
+        self.reload()
+
+    def reload(self) -> None:
+        self.names = keymod.public_keys(self.keys_dir)
+        self.configure_curve(domain=ZAP_DOMAIN, location=str(self.keys_dir))
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        # load_certificate gives Z85 text; ZAP hands us the raw 32 bytes
+        return self.names.get(z85.encode(client_public_key), "?")

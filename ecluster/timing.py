@@ -1,0 +1,117 @@
+"""Timing presets: every interval and timeout of the cluster, derived in one place.
+
+A preset fixes a handful of base figures; everything else is computed from them
+by the formulas below, so that the safety argument of docs/ELECTION.md can be
+checked against one table instead of constants scattered through services.
+
+Base figures (seconds):
+  probe_interval  P   how often membership sends a heartbeat to every member
+  suspect_after   S   silence after which a member is *suspected* (S = k_s * P)
+  dead_after      D   silence after which a suspect is declared *dead* (D = S + k_d * P)
+  lease           L   how long a VIP lease granted by the coordinator lasts
+  max_drift           bound on clock-rate drift between members (fraction)
+
+Derived:
+  renew_every     = L / 3           holder renews well before expiry; two renewals may be lost
+  handover_wait   = L * (1 + max_drift) + margin
+                    a coordinator that moves an address away from a holder it cannot
+                    reach waits this long after the holder's last grant before granting
+                    it elsewhere, so the old holder's lease has run out on its own clock.
+  election_timeout = D              a member stands for coordinator after hearing nothing
+                                    from a coordinator for as long as it takes to declare it dead.
+  new_term_wait   = handover_wait   a fresh coordinator grants nothing for this long, since
+                                    its predecessor may have granted leases it cannot know of.
+
+Why failover is fast although leases are safe: a holder that is *alive* but partitioned
+stops renewing and unplumbs at L (own clock); the majority side declares it dead at D
+and may hand its addresses on at max(D, last_grant + handover_wait). With L close to D
+the kill-to-takeover time is about D plus one renewal round trip.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One preset's figures; build with :func:`preset`."""
+
+    name: str
+    probe_interval: float
+    suspect_after: float
+    dead_after: float
+    lease: float
+    max_drift: float
+    margin: float
+    garp_repeat_after: float
+    reconcile_every: float
+    anti_flap: float
+    # bus transport settings
+    zmq_heartbeat_ivl_ms: int
+    zmq_heartbeat_timeout_ms: int
+    reconnect_ivl_ms: int
+    reconnect_ivl_max_ms: int
+
+    @property
+    def renew_every(self) -> float:
+        return self.lease / 3
+
+    @property
+    def handover_wait(self) -> float:
+        return self.lease * (1 + self.max_drift) + self.margin
+
+    @property
+    def election_timeout(self) -> float:
+        return self.dead_after
+
+    @property
+    def new_term_wait(self) -> float:
+        return self.handover_wait
+
+    def as_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for derived in ("renew_every", "handover_wait", "election_timeout", "new_term_wait"):
+            d[derived] = round(getattr(self, derived), 6)
+        return d
+
+
+def _make(name: str, probe_interval: float, k_suspect: float, k_dead: float,
+          lease_factor: float, zmq_hb_ms: int, reconnect_ms: int) -> Timing:
+    suspect_after = k_suspect * probe_interval
+    dead_after = suspect_after + k_dead * probe_interval
+    return Timing(
+        name=name,
+        probe_interval=probe_interval,
+        suspect_after=suspect_after,
+        dead_after=dead_after,
+        lease=lease_factor * dead_after,
+        max_drift=0.001,          # 1000 ppm: far above any real quartz, cheap insurance
+        margin=max(0.02, probe_interval),
+        garp_repeat_after=2.0,
+        reconcile_every=max(0.5, 5 * probe_interval),
+        anti_flap=2 * probe_interval,
+        zmq_heartbeat_ivl_ms=zmq_hb_ms,
+        zmq_heartbeat_timeout_ms=3 * zmq_hb_ms,
+        reconnect_ivl_ms=reconnect_ms,
+        reconnect_ivl_max_ms=10 * reconnect_ms,
+    )
+
+
+# "lan": tolerant of a loaded 2-core box (GC pauses, scheduler delays of 100+ ms).
+#   P = 0.1 s, suspect after 4 P = 0.4 s, dead after 4 P + 3 P = 0.7 s, lease = 0.7 s.
+# "fast": for benchmarks and quiet machines.
+#   P = 0.03 s, suspect after 3 P = 0.09 s, dead after 3 P + 2 P = 0.15 s, lease = 0.15 s.
+PRESETS: dict[str, Timing] = {
+    "lan": _make("lan", probe_interval=0.1, k_suspect=4, k_dead=3, lease_factor=1.0,
+                 zmq_hb_ms=500, reconnect_ms=100),
+    "fast": _make("fast", probe_interval=0.03, k_suspect=3, k_dead=2, lease_factor=1.0,
+                  zmq_hb_ms=200, reconnect_ms=50),
+}
+
+
+def preset(name: str) -> Timing:
+    """The named preset; KeyError names the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown timing preset {name!r} (known: {', '.join(sorted(PRESETS))})") from None
