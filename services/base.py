@@ -1,0 +1,251 @@
+"""The service runtime: one small base class for built-ins and plug-ins alike.
+
+A service is a class registered in the entry-point group ``ecluster.services``::
+
+    [project.entry-points."ecluster.services"]
+    smtp = "my_plugin.smtp:SmtpService"
+
+and run (one process each, under supervisord) by ``ecluster service run NAME``.
+
+Hooks (all ``async``; a hook must not block the event loop: do disk or CPU-heavy work
+with ``await self.offload(fn, ...)``):
+
+  handle_init()                 after the bus is connected, before any other hook
+  handle_event(topic, body, env) for each event matching ``subscriptions`` (prefixes)
+  handle_call(method, args, env) for each call/cast; the default dispatches to
+                                 ``rpc_<method>(**args)`` and refuses unknown methods
+  handle_tick()                 every ``tick_interval`` seconds (None: never)
+  handle_reload()               when configsync applies a new configuration revision
+  handle_stop()                 once, on SIGTERM/SIGINT, before the bus closes
+
+Helpers: ``call``, ``cast``, ``publish``, ``publish_many``, ``alarm``; attributes
+``cluster``, ``member`` (this member's :class:`~ecluster.clusterfile.Member`), ``timing``,
+``data_dir``, ``config`` (this service's ``[services.<name>]`` table), ``log``.
+
+A raised :class:`ServiceError` answers the caller with a typed error ``{code, message}``.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import time
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from bus import envelope as ch
+from bus.client import AsyncClient, CallTimeout, RemoteError
+from ecluster.clusterfile import Cluster
+
+GROUP = "ecluster.services"
+RELOAD_TOPIC = "config.applied"
+ALARM_TOPIC = "alarm."
+
+
+class ServiceError(RemoteError):
+    """Raise from a handler to answer the caller with ``{code, message}``."""
+
+    def __init__(self, message: str, code: str = "error"):
+        super().__init__(code, message)
+
+
+class UnknownService(LookupError):
+    pass
+
+
+class Service:
+    """Base class of every service (see the module docstring for the contract)."""
+
+    name: ClassVar[str] = ""
+    #: where it runs: members whose role is in this tuple ("node", "manager")
+    roles: ClassVar[tuple[str, ...]] = ("node", "manager")
+    #: event topic prefixes to receive
+    subscriptions: ClassVar[tuple[str, ...]] = ()
+    tick_interval: ClassVar[float | None] = None
+    #: schema of this service's [services.<name>] table: key -> (type, default)
+    config_schema: ClassVar[dict[str, tuple]] = {}
+    #: built-ins always run on their roles; a plug-in runs only where its table is present
+    builtin: ClassVar[bool] = False
+    #: time-critical (membership, election, vip): ask the kernel for a better CPU priority
+    #: so a busy machine does not starve heartbeats and lease renewals
+    critical: ClassVar[bool] = False
+
+    def __init__(self, cluster: Cluster, member: str):
+        self.cluster = cluster
+        self.member = cluster.member(member)
+        self.timing = cluster.timing
+        self.data_dir = self.member.data_dir
+        self.config: dict[str, Any] = cluster.services.get(self.name, {})
+        self.log = logging.getLogger(f"ecluster.{self.name}")
+        self.bus: AsyncClient | None = None
+        self.started = time.time()
+
+    # -- hooks (override) ------------------------------------------------------------
+    async def handle_init(self) -> None:
+        pass
+
+    async def handle_event(self, topic: str, body: Any, env: ch.Envelope) -> None:
+        pass
+
+    async def handle_call(self, method: str, args: dict, env: ch.Envelope) -> Any:
+        fn = getattr(self, f"rpc_{method}", None)
+        if fn is None or not callable(fn):
+            raise ServiceError(f"service {self.name!r} has no method {method!r}", "unknown_method")
+        try:
+            inspect.signature(fn).bind(**args)
+        except TypeError as e:
+            raise ServiceError(f"{self.name}.{method}: {e}", "bad_arguments") from None
+        result = fn(**args)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def handle_tick(self) -> None:
+        pass
+
+    async def handle_reload(self, rev: str) -> None:
+        pass
+
+    async def handle_stop(self) -> None:
+        pass
+
+    # -- helpers ------------------------------------------------------------------
+    async def call(self, member: str | None, service: str, method: str, timeout: float = 2.0, **args) -> Any:
+        return await self.bus.call(member, service, method, timeout=timeout, **args)
+
+    async def cast(self, member: str | None, service: str, method: str, **args) -> None:
+        await self.bus.cast(member, service, method, **args)
+
+    async def publish(self, topic: str, body: Any) -> None:
+        await self.bus.publish(topic, body)
+
+    async def publish_many(self, topic: str, bodies: list) -> None:
+        await self.bus.publish_many(topic, bodies)
+
+    async def alarm(self, kind: str, message: str, **details) -> None:
+        """Raise a cluster alarm: an event every manager shows, not just a log line."""
+        self.log.error("ALARM %s: %s", kind, message)
+        await self.publish(f"{ALARM_TOPIC}{kind}", {"member": self.member.name, "service": self.name,
+                                                     "message": message, "time": time.time(), **details})
+
+    async def offload(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    def rpc_ping(self) -> dict:
+        return {"service": self.name, "member": self.member.name, "uptime": round(time.time() - self.started, 3)}
+
+    @classmethod
+    def runs_on(cls, cluster: Cluster, member: str) -> bool:
+        m = cluster.member(member)
+        if m.role not in cls.roles:
+            return False
+        return cls.builtin or cls.name in cluster.services
+
+    # -- runtime ------------------------------------------------------------------
+    async def _on_event(self, topic: str, body: Any, env: ch.Envelope) -> None:
+        if topic == RELOAD_TOPIC and isinstance(body, dict) and body.get("member") == self.member.name:
+            await self.handle_reload(str(body.get("rev", "")))
+        if any(topic.startswith(p) for p in self.subscriptions):
+            await self.handle_event(topic, body, env)
+
+    async def _on_request(self, env: ch.Envelope) -> Any:
+        return await self.handle_call(env.method, env.body, env)
+
+    async def run(self) -> None:
+        """Connect, run hooks until SIGTERM/SIGINT, stop cleanly."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if self.critical:
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, -10)
+            except OSError:
+                pass        # not root: run at the default priority
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        self._stop_event = stop
+        self.bus = AsyncClient(self.cluster, self.member.name, f"svc:{self.name}")
+        for prefix in (*self.subscriptions, RELOAD_TOPIC):
+            self.bus.subscribe(prefix)
+        self.bus.on_event = self._on_event
+        self.bus.on_request = self._on_request
+        self.bus.start()
+        ticker = None
+        try:
+            await self.handle_init()
+            if self.tick_interval:
+                ticker = loop.create_task(self._ticker())
+            await stop.wait()
+        finally:
+            if ticker:
+                ticker.cancel()
+            try:
+                await self.handle_stop()
+            finally:
+                self.bus.close()
+
+    def request_stop(self) -> None:
+        ev = getattr(self, "_stop_event", None)
+        if ev is not None:
+            ev.set()
+
+    async def _ticker(self) -> None:
+        interval = self.tick_interval
+        next_at = time.monotonic()
+        while True:
+            next_at += interval
+            try:
+                await self.handle_tick()
+            except Exception:
+                self.log.exception("tick failed")
+            delay = next_at - time.monotonic()
+            if delay < 0:          # fell behind (a pause): do not fire a burst of ticks
+                next_at = time.monotonic()
+                delay = 0
+            await asyncio.sleep(delay)
+
+
+def registry() -> dict[str, type[Service]]:
+    """Every service class found in the entry-point group, built-ins included."""
+    out: dict[str, type[Service]] = {}
+    for ep in entry_points(group=GROUP):
+        out[ep.name] = ep  # loaded lazily by load_service
+    return out
+
+
+def load_service(name: str) -> type[Service]:
+    eps = {ep.name: ep for ep in entry_points(group=GROUP)}
+    if name not in eps:
+        raise UnknownService(f"no service named {name!r} (known: {', '.join(sorted(eps)) or 'none'})")
+    cls = eps[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, Service)):
+        raise UnknownService(f"entry point {name!r} is not a Service subclass")
+    if cls.name != name:
+        cls.name = name
+    return cls
+
+
+def services_for(cluster: Cluster, member: str) -> list[str]:
+    """Names of the services that run on ``member``, in a stable order."""
+    out = []
+    for name in sorted(registry()):
+        try:
+            cls = load_service(name)
+        except Exception:
+            continue
+        if cls.runs_on(cluster, member):
+            out.append(name)
+    return out
+
+
+def run_service(cluster: Cluster, member: str, name: str) -> None:
+    cls = load_service(name)
+    svc = cls(cluster, member)
+    asyncio.run(svc.run())
+
+
+__all__ = ["Service", "ServiceError", "CallTimeout", "RemoteError", "load_service", "services_for", "run_service"]

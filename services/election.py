@@ -1,0 +1,451 @@
+"""election: the quorum coordinator, the VIP assignment, and the lease votes.
+
+Every member runs it and every member is a voter (managers too, so two mail nodes and
+one manager make a valid cluster). It plays two roles; docs/ELECTION.md gives the
+protocol and the argument why no VIP can have two holders.
+
+1. Coordinator election (Raft's election without a log). Durable ``term`` and
+   ``voted_for`` in ``<data_dir>/election.json``. A voter that has heard nothing from a
+   coordinator for ``election_timeout`` (+ jitter) stands: term+1, votes for itself, asks
+   every voter. A voter grants at most one vote per term, and none at all while it still
+   hears a live coordinator (stickiness, so a member that merely lost its link cannot
+   depose a working coordinator). A majority of the configured voters makes a
+   coordinator; it publishes ``election.assignment`` every probe interval, which is also
+   its heartbeat. A coordinator whose membership view shows no majority alive steps down.
+
+2. VIP leases by quorum (the safety mechanism). A node may hold a VIP only while a
+   majority of voters have *promised* it to that node. Each voter keeps at most one
+   promise per VIP and grants it only to the node the latest assignment names, and
+   only when no unexpired promise to another node exists. The holder counts a promise
+   from its own clock at the moment *before* it asked, for ``lease`` seconds; the voter
+   counts it for ``lease*(1+max_drift) + margin`` from when it granted. Two majorities
+   share a voter, and that voter never promised the VIP to two nodes at once, so two
+   holders cannot both count a majority at the same instant. A voter that (re)starts
+   grants nothing for ``handover_wait``: it may have forgotten promises it made.
+   Coordinator changes do not interrupt VIPs: the holder keeps renewing with the voters.
+
+RPC:    vote(term, candidate) · promise(holder, vips) · release(holder, vips) ·
+        status() · move(vip, node) · drain(node) · undrain(node) · unpin(vip)
+Events: election.assignment {term, leader, seq, owners, drained, pinned, candidates, settled}
+        (in) membership.view (own member's), vip.status (every node's)
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from bus.client import BusError
+from node.vipcore import VipSpec, assign_vips, vip_key
+from services.base import Service, ServiceError
+
+FOLLOWER, CANDIDATE, LEADER = "follower", "candidate", "leader"
+
+
+class ElectionService(Service):
+    name = "election"
+    builtin = True
+    critical = True
+    subscriptions = ("membership.view", "vip.status", "election.assignment")
+
+    def __init__(self, cluster, member):
+        super().__init__(cluster, member)
+        type(self).tick_interval = cluster.timing.probe_interval
+        t = cluster.timing
+        self.voters = cluster.voters
+        self.quorum = cluster.quorum
+        self.promise_for = t.lease * (1 + t.max_drift) + t.margin
+        self.specs = [VipSpec(address=v.address, interface=v.interface, kind=v.kind,
+                              preference=v.preference, follow=v.follow) for v in cluster.vips]
+        self.state_file = self.data_dir / "election.json"
+        self.admin_file = self.data_dir / "election-admin.json"
+        # durable
+        self.term = 0
+        self.voted_for: str | None = None
+        # volatile
+        self.role = FOLLOWER
+        self.leader: str | None = None
+        self.leader_heard = 0.0                    # monotonic
+        self.election_deadline = 0.0
+        self.view: dict = {}
+        self.alive_since: dict[str, float] = {}    # monotonic, for anti-flap
+        self.returned: set[str] = set()            # nodes seen leaving since we started
+        self.vip_status: dict[str, dict] = {}      # node -> last vip.status body (+ "_at")
+        self.assignment: dict = {"term": 0, "leader": None, "seq": 0, "owners": {}, "drained": [],
+                                 "pinned": {}, "candidates": [], "settled": time.time()}
+        self.promises: dict[str, tuple[str, float]] = {}    # vip -> (holder, expires monotonic)
+        self.grant_after = 0.0
+        self.drained: set[str] = set()
+        self.pinned: dict[str, str] = {}
+        self.seq = 0
+        self.leader_since = 0.0
+
+    # -- persistence ----------------------------------------------------------------
+    def _load(self) -> None:
+        try:
+            d = json.loads(self.state_file.read_text())
+            self.term, self.voted_for = int(d["term"]), d.get("voted_for")
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        try:
+            d = json.loads(self.admin_file.read_text())
+            self.drained = set(d.get("drained", []))
+            self.pinned = dict(d.get("pinned", {}))
+        except (OSError, ValueError, TypeError):
+            pass
+
+    def _write(self, path: Path, data: dict) -> None:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _persist_vote(self) -> None:
+        self._write(self.state_file, {"term": self.term, "voted_for": self.voted_for})
+
+    def _persist_admin(self) -> None:
+        self._write(self.admin_file, {"drained": sorted(self.drained), "pinned": self.pinned})
+
+    # -- life cycle -----------------------------------------------------------------
+    async def handle_init(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._load()
+        now = time.monotonic()
+        # We may have promised VIPs before a crash and forgotten: grant nothing until any
+        # such promise has run out.
+        self.grant_after = now + self.timing.handover_wait
+        self._reset_election_deadline(now)
+        self.log.info("election up: term %d, voters %s, quorum %d", self.term, self.voters, self.quorum)
+
+    def _reset_election_deadline(self, now: float) -> None:
+        et = self.timing.election_timeout
+        self.election_deadline = now + et + random.uniform(0, et)
+
+    async def handle_tick(self) -> None:
+        now = time.monotonic()
+        if self.role == LEADER:
+            if not self._majority_alive():
+                self.log.warning("term %d: no majority alive in my view, stepping down", self.term)
+                self._become_follower(None)
+            else:
+                await self._publish_assignment()
+                return
+        if now >= self.election_deadline and self.role != CANDIDATE:
+            asyncio.get_running_loop().create_task(self._stand())
+
+    def _majority_alive(self) -> bool:
+        members = self.view.get("members", {})
+        alive = sum(1 for v in self.voters if v == self.member.name or members.get(v, {}).get("state") == "alive")
+        return alive >= self.quorum
+
+    def _become_follower(self, leader: str | None) -> None:
+        self.role = FOLLOWER
+        self.leader = leader
+        self._reset_election_deadline(time.monotonic())
+
+    # -- standing for coordinator ---------------------------------------------------
+    async def _stand(self) -> None:
+        self.role = CANDIDATE
+        self.term += 1
+        self.voted_for = self.member.name
+        self._persist_vote()
+        term = self.term
+        self.log.info("standing for coordinator in term %d", term)
+        others = [v for v in self.voters if v != self.member.name]
+        timeout = max(0.2, 3 * self.timing.probe_interval)
+
+        async def ask(voter: str) -> bool:
+            try:
+                r = await self.call(voter, "election", "vote", timeout=timeout, term=term, candidate=self.member.name)
+            except BusError:
+                return False
+            if isinstance(r, dict) and r.get("term", 0) > self.term:
+                self._observe_term(int(r["term"]))
+            return bool(isinstance(r, dict) and r.get("granted"))
+
+        votes = 1 + sum(await asyncio.gather(*(ask(v) for v in others)))
+        if self.role != CANDIDATE or self.term != term:
+            return
+        if votes >= self.quorum:
+            self.role = LEADER
+            self.leader = self.member.name
+            self.leader_since = time.monotonic()
+            self.log.info("coordinator for term %d with %d of %d votes", term, votes, len(self.voters))
+            await self._publish_assignment()
+        else:
+            self._become_follower(None)
+
+    def _observe_term(self, term: int) -> None:
+        if term > self.term:
+            self.term = term
+            self.voted_for = None
+            self._persist_vote()
+            if self.role != FOLLOWER:
+                self._become_follower(None)
+
+    def rpc_vote(self, term: int, candidate: str) -> dict:
+        now = time.monotonic()
+        if candidate not in self.voters or not isinstance(term, int):
+            raise ServiceError(f"{candidate!r} is not a voter", "bad_arguments")
+        if term < self.term:
+            return {"granted": False, "term": self.term, "reason": "stale term"}
+        # Stickiness: while a coordinator is heard, nobody else gets our vote.
+        if (self.leader not in (None, candidate) and now - self.leader_heard < self.timing.election_timeout
+                and self.role != LEADER):
+            return {"granted": False, "term": self.term, "reason": f"coordinator {self.leader} is alive"}
+        if self.role == LEADER and term == self.term:
+            return {"granted": False, "term": self.term, "reason": "I am coordinator of this term"}
+        self._observe_term(term)
+        if self.voted_for in (None, candidate):
+            self.voted_for = candidate
+            self._persist_vote()
+            self._reset_election_deadline(now)
+            return {"granted": True, "term": self.term}
+        return {"granted": False, "term": self.term, "reason": f"voted for {self.voted_for}"}
+
+    # -- events ---------------------------------------------------------------------
+    async def handle_event(self, topic: str, body: Any, env) -> None:
+        if not isinstance(body, dict):
+            return
+        if topic == "membership.view":
+            if env.src == self.member.name:
+                self._take_view(body)
+        elif topic == "vip.status":
+            node = env.src
+            if node in self.cluster.nodes:
+                body["_at"] = time.monotonic()
+                self.vip_status[node] = body
+        elif topic == "election.assignment":
+            self._take_assignment(body, env.src)
+
+    def _take_view(self, view: dict) -> None:
+        now = time.monotonic()
+        members = view.get("members") if isinstance(view.get("members"), dict) else {}
+        for name, info in members.items():
+            alive = isinstance(info, dict) and info.get("state") == "alive"
+            if alive:
+                self.alive_since.setdefault(name, now)
+            elif name in self.alive_since:
+                del self.alive_since[name]
+                self.returned.add(name)         # it went away: when it comes back, anti-flap applies
+        self.view = view
+
+    def _take_assignment(self, a: dict, src: str) -> None:
+        term = a.get("term")
+        if not isinstance(term, int) or a.get("leader") != src or src not in self.voters:
+            return
+        if term < self.term:
+            return
+        if term > self.term:
+            self._observe_term(term)
+        if src != self.member.name:
+            if self.role == LEADER:          # a coordinator of the same term cannot exist twice
+                self.log.error("two coordinators in term %d: %s and me", term, src)
+                return
+            self.role = FOLLOWER
+            self.leader = src
+            self.leader_heard = time.monotonic()
+            self._reset_election_deadline(self.leader_heard)
+        if not isinstance(a.get("owners"), dict):
+            return
+        if (term, a.get("seq", 0)) >= (self.assignment.get("term", 0), self.assignment.get("seq", 0)) or src == self.member.name:
+            self.assignment = a
+            if src != self.member.name:
+                drained = set(a.get("drained") or [])
+                pinned = dict(a.get("pinned") or {})
+                if drained != self.drained or pinned != self.pinned:
+                    self.drained, self.pinned = drained, pinned
+                    self._persist_admin()
+
+    # -- coordinator duties ---------------------------------------------------------
+    def candidates(self, now: float) -> list[str]:
+        """Nodes that may hold VIPs: alive in our view, running a vip service, stable."""
+        members = self.view.get("members", {})
+        fresh = 3 * self.timing.dead_after
+        out = []
+        for node in self.cluster.nodes:
+            if members.get(node, {}).get("state") != "alive" and node != self.member.name:
+                continue
+            st = self.vip_status.get(node)
+            if st is None or now - st["_at"] > fresh:
+                continue
+            out.append(node)
+        return out
+
+    def compute_owners(self, now: float) -> dict[str, str | None]:
+        cands = self.candidates(now)
+        current = {k: v for k, v in self.assignment.get("owners", {}).items() if v}
+        # anti-flap: a node that came back only recently is not yet *preferred*
+        unstable = {n for n in cands if n in self.returned and n != self.member.name
+                    and now - self.alive_since.get(n, now) < self.timing.anti_flap}
+        specs = self.specs
+        if unstable:
+            specs = [VipSpec(address=s.address, interface=s.interface, kind=s.kind,
+                             preference=None if s.preference in unstable else s.preference,
+                             follow=s.follow) for s in self.specs]
+            current = {k: v for k, v in current.items() if v not in unstable}
+        pinned = {k: v for k, v in self.pinned.items() if v not in unstable}
+        loads = {n: 0.0 for n in cands}
+        return assign_vips(specs, cands, loads, self.drained, pinned, current)
+
+    async def _publish_assignment(self) -> None:
+        now = time.monotonic()
+        owners = self.compute_owners(now)
+        prev = self.assignment.get("owners", {})
+        settled = self.assignment.get("settled", time.time())
+        if owners != prev or self.assignment.get("term") != self.term:
+            settled = time.time()
+            if owners != prev:
+                self.log.info("term %d assignment: %s", self.term, owners)
+        self.seq += 1
+        a = {"term": self.term, "leader": self.member.name, "seq": self.seq, "owners": owners,
+             "drained": sorted(self.drained), "pinned": self.pinned,
+             "candidates": self.candidates(now), "settled": settled}
+        self.assignment = a
+        await self.publish("election.assignment", a)
+
+    # -- lease votes ----------------------------------------------------------------
+    def rpc_promise(self, holder: str, vips: list) -> dict:
+        """Promise each VIP in ``vips`` to ``holder`` if we safely can. Never blocks."""
+        if holder not in self.cluster.nodes or not isinstance(vips, list):
+            raise ServiceError("promise needs a node name and a list of VIPs", "bad_arguments")
+        now = time.monotonic()
+        owners = self.assignment.get("owners", {})
+        out: dict[str, dict] = {}
+        for raw in vips:
+            if not isinstance(raw, str):
+                continue
+            vip = vip_key(raw)
+            if now < self.grant_after:
+                out[vip] = {"granted": False, "retry_after": self.grant_after - now, "reason": "voter restarting"}
+                continue
+            if owners.get(vip) != holder:
+                out[vip] = {"granted": False, "retry_after": None, "reason": f"assigned to {owners.get(vip)}"}
+                continue
+            cur = self.promises.get(vip)
+            if cur is not None and cur[0] != holder and cur[1] > now:
+                out[vip] = {"granted": False, "retry_after": cur[1] - now, "reason": f"promised to {cur[0]}"}
+                continue
+            self.promises[vip] = (holder, now + self.promise_for)
+            out[vip] = {"granted": True}
+        return {"voter": self.member.name, "term": self.term, "results": out}
+
+    def rpc_release(self, holder: str, vips: list) -> dict:
+        released = []
+        for raw in vips if isinstance(vips, list) else []:
+            if not isinstance(raw, str):
+                continue
+            vip = vip_key(raw)
+            cur = self.promises.get(vip)
+            if cur is not None and cur[0] == holder:
+                del self.promises[vip]
+                released.append(vip)
+        return {"released": released}
+
+    # -- administration ---------------------------------------------------------------
+    async def _forward(self, method: str, **args) -> Any:
+        if self.role == LEADER:
+            return None
+        if not self.leader:
+            raise ServiceError("no coordinator at the moment (no majority?); try again", "no_coordinator")
+        return await self.call(self.leader, "election", method, timeout=2.0, **args)
+
+    def _check_node(self, node: str) -> None:
+        if node not in self.cluster.nodes:
+            raise ServiceError(f"unknown node {node!r} (nodes: {', '.join(self.cluster.nodes)})", "unknown_node")
+
+    async def rpc_move(self, vip: str, node: str) -> dict:
+        fwd = await self._forward("move", vip=vip, node=node)
+        if fwd is not None:
+            return fwd
+        key = vip_key(vip)
+        if key not in {s.key for s in self.specs}:
+            raise ServiceError(f"unknown VIP {vip!r}", "unknown_vip")
+        self._check_node(node)
+        if node not in self.candidates(time.monotonic()):
+            raise ServiceError(f"node {node!r} is down or not running its vip service: refusing the move", "node_down")
+        if node in self.drained:
+            raise ServiceError(f"node {node!r} is drained: undrain it first", "node_drained")
+        spec = next(s for s in self.specs if s.key == key)
+        if spec.follow:
+            raise ServiceError(f"VIP {key} follows {spec.follow}: move that one instead", "follower")
+        self.pinned[key] = node
+        self._persist_admin()
+        await self._publish_assignment()
+        return {"vip": key, "node": node, "term": self.term}
+
+    async def rpc_unpin(self, vip: str) -> dict:
+        fwd = await self._forward("unpin", vip=vip)
+        if fwd is not None:
+            return fwd
+        self.pinned.pop(vip_key(vip), None)
+        self._persist_admin()
+        await self._publish_assignment()
+        return {"vip": vip_key(vip)}
+
+    async def rpc_drain(self, node: str) -> dict:
+        fwd = await self._forward("drain", node=node)
+        if fwd is not None:
+            return fwd
+        self._check_node(node)
+        self.drained.add(node)
+        self.pinned = {k: v for k, v in self.pinned.items() if v != node}
+        self._persist_admin()
+        await self._publish_assignment()
+        return {"drained": sorted(self.drained)}
+
+    async def rpc_undrain(self, node: str) -> dict:
+        fwd = await self._forward("undrain", node=node)
+        if fwd is not None:
+            return fwd
+        self._check_node(node)
+        self.drained.discard(node)
+        self._persist_admin()
+        await self._publish_assignment()
+        return {"drained": sorted(self.drained)}
+
+    def rpc_status(self) -> dict:
+        now = time.monotonic()
+        return {
+            "member": self.member.name, "role": self.role, "term": self.term, "leader": self.leader,
+            "voted_for": self.voted_for, "quorum": self.quorum, "voters": self.voters,
+            "assignment": self.assignment, "view": self.view,
+            "vips": self.vip_table(now),
+            "promises": {v: {"holder": h, "expires_in": round(e - now, 3)} for v, (h, e) in self.promises.items()},
+        }
+
+    def vip_table(self, now: float) -> list[dict]:
+        """address, owner, candidates, state (owned/unsafe/broken/unowned), settled_for."""
+        a = self.assignment
+        owners = a.get("owners", {})
+        holders: dict[str, list[str]] = {}
+        fresh = self.timing.suspect_after     # statuses come every probe interval
+        for node, st in self.vip_status.items():
+            if now - st.get("_at", 0) > fresh:
+                continue
+            for vip in st.get("held", []) or []:
+                holders.setdefault(vip, []).append(node)
+        rows = []
+        for s in self.specs:
+            owner = owners.get(s.key)
+            held = sorted(holders.get(s.key, []))
+            if len(held) > 1:
+                state = "unsafe"
+            elif owner is None:
+                state = "unowned"
+            elif held == [owner]:
+                state = "owned"
+            else:
+                state = "broken"
+            rows.append({"address": s.address, "kind": s.kind, "interface": s.interface, "owner": owner,
+                         "holders": held, "preference": s.preference, "follow": s.follow,
+                         "candidates": a.get("candidates", []), "state": state,
+                         "pinned": self.pinned.get(s.key),
+                         "settled_for": round(time.time() - a.get("settled", time.time()), 3)})
+        return rows

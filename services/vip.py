@@ -1,0 +1,365 @@
+"""vip: the only service that touches interfaces ("DuraVIP" plumbing), on every node.
+
+Loop, per VIP (state machine: :class:`node.vipcore.VipOwnerFSM`):
+
+* The coordinator's ``election.assignment`` names an owner per VIP. For each VIP
+  assigned here, ask every voter for a promise (``election.promise``), noting our
+  monotonic clock *before* asking; a granted promise is good for ``lease`` seconds from
+  then. With promises from a majority of voters the VIP is ours: plumb (pyroute2,
+  replace), send a gratuitous-ARP burst, schedule a repeat. Renew every ``lease/3``.
+* The moment fewer than a majority of promises are unexpired (a timer fires at that
+  instant, minus a small guard), unplumb. No message is needed for that: a partitioned
+  owner fences itself on its own clock.
+* When the assignment names another node: unplumb, tell the voters (``release``) and
+  publish ``vip.released`` so the next owner asks again at once (graceful move: release,
+  then acquire).
+* On start every managed address found on our interfaces is removed first: a restarted
+  service has forgotten its leases, so it must not hold anything it cannot prove.
+* Every ``reconcile_every`` the interfaces are compared with the state machine; another
+  node reporting an address we hold raises the ``two_owners`` alarm.
+* After a partition heals (a member comes back alive in our view) every owned VIP is
+  announced again with gratuitous ARP, so no client keeps a stale ARP entry.
+
+Publishes ``vip.status`` {node, held, states, load} every probe interval: the
+coordinator's evidence that this node can hold VIPs.
+``vip_dry_run = true`` in the cluster file (or running without root) records addresses
+in memory instead of plumbing them, and says so in its status.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+from bus.client import BusError
+from node.vipcore import Action, Event, State, VipOwnerFSM, vip_key
+from services.base import Service
+
+
+class DryRunPlumber:
+    """Stands in for node.netlink.Plumber when we may not (or must not) plumb."""
+
+    dry_run = True
+
+    def __init__(self):
+        self.held: set[tuple[str, str]] = set()
+
+    def add(self, address: str, ifname: str) -> bool:
+        self.held.add((address, ifname))
+        return True
+
+    def remove(self, address: str, ifname: str) -> bool:
+        present = (address, ifname) in self.held
+        self.held.discard((address, ifname))
+        return present
+
+    def holds(self, address: str, ifname: str) -> bool:
+        return any(a.split("/")[0] == address.split("/")[0] and i == ifname for a, i in self.held)
+
+    def close(self) -> None:
+        pass
+
+
+class VipService(Service):
+    name = "vip"
+    roles = ("node",)
+    builtin = True
+    critical = True
+    subscriptions = ("election.assignment", "vip.released", "vip.status", "membership.view")
+
+    def __init__(self, cluster, member):
+        super().__init__(cluster, member)
+        t = cluster.timing
+        type(self).tick_interval = t.probe_interval
+        self.specs = {vip_key(v.address): v for v in cluster.vips}
+        self.fsm = {k: VipOwnerFSM(k) for k in self.specs}
+        self.promises: dict[str, dict[str, float]] = {k: {} for k in self.specs}
+        self.assignment: dict = {"term": -1, "seq": -1, "owners": {}}
+        self.in_flight: set[str] = set()
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.garp_timers: dict[str, asyncio.TimerHandle] = {}
+        self.alive: set[str] = set()
+        self.guard = min(0.02, t.margin / 4)
+        self.acquire_poll = max(0.01, t.probe_interval / 3)
+        self.counters = {"acquired": 0, "released": 0, "expired": 0, "garp": 0, "alarms": 0, "plumb_errors": 0}
+        self.acquired_at: dict[str, float] = {}
+
+    # -- set-up -------------------------------------------------------------------
+    async def handle_init(self) -> None:
+        if self.cluster.vip_dry_run or os.geteuid() != 0:
+            self.plumber = DryRunPlumber()
+            self.log.warning("VIP dry-run: addresses are recorded, not plumbed (%s)",
+                             "vip_dry_run = true" if self.cluster.vip_dry_run else "not root")
+        else:
+            from node.netlink import Plumber
+            self.plumber = Plumber()
+            self.plumber.dry_run = False
+        # A restarted service has forgotten its leases: hold nothing it cannot prove.
+        for key, spec in self.specs.items():
+            try:
+                if self.plumber.remove(spec.address, spec.interface):
+                    self.log.warning("removed %s from %s at start (left from an earlier run)", spec.address, spec.interface)
+            except Exception as e:
+                self.log.error("cannot check %s on %s: %s", spec.address, spec.interface, e)
+        self.loop = asyncio.get_running_loop()
+        self.loop.create_task(self._renew_loop())
+        self.loop.create_task(self._reconcile_loop())
+        await self._publish_status()
+
+    async def handle_stop(self) -> None:
+        # Leaving cleanly: unplumb and release so the next owner need not wait for expiry.
+        for key in self.specs:
+            if self.fsm[key].holds:
+                self._drive(key, Event.RELEASE_ORDERED)
+        await self._release_everywhere([k for k in self.specs if self.fsm[k].state == State.RELEASED])
+        self.plumber.close()
+
+    # -- assignment -----------------------------------------------------------------
+    def mine(self) -> list[str]:
+        owners = self.assignment.get("owners", {})
+        return [k for k in self.specs if owners.get(k) == self.member.name]
+
+    async def handle_event(self, topic: str, body: Any, env) -> None:
+        if not isinstance(body, dict):
+            return
+        if topic == "election.assignment":
+            await self._take_assignment(body, env.src)
+        elif topic == "vip.released":
+            vip = body.get("vip")
+            if isinstance(vip, str) and vip in self.mine() and not self.fsm[vip].holds:
+                await self._request([vip], fast=True)
+        elif topic == "vip.status":
+            if env.src != self.member.name:
+                await self._check_other(env.src, body)
+        elif topic == "membership.view" and env.src == self.member.name:
+            members = body.get("members") if isinstance(body.get("members"), dict) else {}
+            alive = {n for n, i in members.items() if isinstance(i, dict) and i.get("state") == "alive"}
+            if alive - self.alive and self.alive:
+                # members came back: a partition may have healed, re-announce what we hold
+                for key in self.specs:
+                    if self.fsm[key].state == State.OWNED:
+                        self._garp(key)
+            self.alive = alive
+
+    async def _take_assignment(self, a: dict, src: str) -> None:
+        term, seq = a.get("term"), a.get("seq")
+        if not isinstance(term, int) or not isinstance(seq, int) or a.get("leader") != src:
+            return
+        if not isinstance(a.get("owners"), dict):
+            return
+        if (term, seq) < (self.assignment["term"], self.assignment["seq"]) and term >= self.assignment["term"]:
+            return
+        if term < self.assignment["term"]:
+            return
+        before = set(self.mine())
+        self.assignment = a
+        after = set(self.mine())
+        lost = [k for k in before - after]
+        released = []
+        for key in self.specs:
+            if key not in after and self.fsm[key].holds:
+                self._drive(key, Event.RELEASE_ORDERED)
+                released.append(key)
+            if key not in after:
+                self.promises[key].clear()
+        if released or lost:
+            await self._release_everywhere(released or lost)
+        gained = [k for k in after - before if not self.fsm[k].holds]
+        if gained:
+            await self._request(gained, fast=True)
+
+    # -- promises -----------------------------------------------------------------
+    async def _renew_loop(self) -> None:
+        every = self.timing.renew_every
+        while True:
+            mine = self.mine()
+            if mine:
+                await self._request(mine)
+            # while something is wanted but not held, poll faster
+            wanted = [k for k in mine if not self.fsm[k].holds]
+            await asyncio.sleep(self.acquire_poll if wanted else every)
+
+    async def _request(self, vips: list[str], fast: bool = False) -> None:
+        for voter in self.cluster.voters:
+            key = voter
+            if key in self.in_flight:
+                continue
+            self.in_flight.add(key)
+            self.loop.create_task(self._ask(voter, list(vips)))
+
+    async def _ask(self, voter: str, vips: list[str]) -> None:
+        t_req = time.monotonic()
+        try:
+            r = await self.call(voter, "election", "promise", timeout=min(0.5, self.timing.renew_every),
+                                holder=self.member.name, vips=vips)
+        except BusError:
+            return
+        finally:
+            self.in_flight.discard(voter)
+        results = r.get("results", {}) if isinstance(r, dict) else {}
+        for key, res in results.items():
+            if key not in self.specs or not isinstance(res, dict):
+                continue
+            if res.get("granted"):
+                self.promises[key][voter] = t_req + self.timing.lease
+            else:
+                self.promises[key].pop(voter, None)
+            self._evaluate(key)
+
+    def _quorum_until(self, key: str) -> float:
+        """Monotonic instant until which a majority of promises is valid (0: none now)."""
+        exps = sorted(self.promises[key].values(), reverse=True)
+        q = self.cluster.quorum
+        if len(exps) < q:
+            return 0.0
+        return exps[q - 1] - self.guard
+
+    def _evaluate(self, key: str) -> None:
+        now = time.monotonic()
+        until = self._quorum_until(key)
+        fsm = self.fsm[key]
+        if key not in self.mine():
+            return
+        if until > now:
+            if fsm.state == State.RELEASED:
+                self._drive(key, Event.LEASE_GRANTED)
+            elif fsm.state in (State.OWNED, State.ACQUIRING):
+                fsm.handle(Event.LEASE_RENEWED)
+            self._arm_expiry(key, until)
+        elif fsm.holds:
+            self.counters["expired"] += 1
+            self.log.warning("%s: lease lapsed (no majority of promises), unplumbing", key)
+            self._drive(key, Event.LEASE_EXPIRED)
+            self.loop.create_task(self._release_everywhere([key]))
+
+    def _arm_expiry(self, key: str, until: float) -> None:
+        old = self.timers.pop(key, None)
+        if old:
+            old.cancel()
+        delay = until - time.monotonic()
+        self.timers[key] = self.loop.call_later(max(0.0, delay), self._evaluate, key)
+
+    # -- the state machine's actions ----------------------------------------------------
+    def _drive(self, key: str, event: Event) -> None:
+        actions = self.fsm[key].handle(event)
+        for action in actions:
+            self._act(key, action)
+
+    def _act(self, key: str, action: Action) -> None:
+        spec = self.specs[key]
+        if action is Action.PLUMB:
+            try:
+                self.plumber.add(spec.address, spec.interface)
+            except Exception as e:
+                self.counters["plumb_errors"] += 1
+                self.log.error("cannot plumb %s on %s: %s", spec.address, spec.interface, e)
+                self._drive(key, Event.LEASE_EXPIRED)
+                return
+            self.acquired_at[key] = time.time()
+            self.counters["acquired"] += 1
+            self.log.info("%s: plumbed on %s", spec.address, spec.interface)
+            self._drive(key, Event.PLUMB_DONE)
+        elif action is Action.UNPLUMB:
+            try:
+                self.plumber.remove(spec.address, spec.interface)
+            except Exception as e:
+                self.counters["plumb_errors"] += 1
+                self.log.error("cannot unplumb %s on %s: %s", spec.address, spec.interface, e)
+            self.log.info("%s: unplumbed", spec.address)
+            self.counters["released"] += 1
+            self._drive(key, Event.UNPLUMB_DONE)
+        elif action is Action.GARP_BURST:
+            self._garp(key)
+        elif action is Action.SCHEDULE_GARP_REPEAT:
+            self._cancel_garp(key)
+            self.garp_timers[key] = self.loop.call_later(self.timing.garp_repeat_after, self._garp_repeat, key)
+        elif action is Action.CANCEL_GARP_REPEAT:
+            self._cancel_garp(key)
+        elif action is Action.REPORT_OWNED:
+            self.loop.create_task(self._publish_status())
+        elif action is Action.REPORT_RELEASED:
+            self.loop.create_task(self._publish_status())
+        elif action is Action.ALARM_TWO_OWNERS:
+            self.counters["alarms"] += 1
+            self.loop.create_task(self.alarm("two_owners", f"VIP {key} is held by this node and another",
+                                             vip=key))
+
+    def _garp(self, key: str) -> None:
+        if getattr(self.plumber, "dry_run", False):
+            return
+        spec = self.specs[key]
+        from node.netlink import send_garp
+        try:
+            send_garp(spec.interface, spec.ip, count=3, interval=0.0)
+            self.counters["garp"] += 1
+        except Exception as e:
+            self.log.error("gratuitous ARP for %s failed: %s", key, e)
+
+    def _garp_repeat(self, key: str) -> None:
+        self.garp_timers.pop(key, None)
+        if self.fsm[key].state == State.OWNED:
+            self._garp(key)
+
+    def _cancel_garp(self, key: str) -> None:
+        t = self.garp_timers.pop(key, None)
+        if t:
+            t.cancel()
+
+    async def _release_everywhere(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        for voter in self.cluster.voters:
+            try:
+                await self.cast(voter, "election", "release", holder=self.member.name, vips=keys)
+            except BusError:
+                pass
+        for key in keys:
+            await self.publish("vip.released", {"vip": key, "node": self.member.name})
+
+    # -- status, reconciliation, alarms ---------------------------------------------
+    def held(self) -> list[str]:
+        return [k for k in self.specs if self.fsm[k].holds]
+
+    async def handle_tick(self) -> None:
+        await self._publish_status()
+
+    async def _publish_status(self) -> None:
+        await self.publish("vip.status", {"node": self.member.name, "held": self.held(),
+                                          "states": {k: f.state.value for k, f in self.fsm.items()},
+                                          "load": len(self.held()), "time": time.time(),
+                                          "dry_run": bool(getattr(self.plumber, "dry_run", False))})
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.timing.reconcile_every)
+            for key, spec in self.specs.items():
+                try:
+                    present = self.plumber.holds(spec.address, spec.interface)
+                except Exception:
+                    continue
+                fsm = self.fsm[key]
+                if present and not fsm.holds and fsm.state != State.RELEASING:
+                    self.log.warning("%s found plumbed without a lease: removing", key)
+                    self._drive(key, Event.FOUND_PLUMBED_UNEXPECTEDLY)
+                elif not present and fsm.state == State.OWNED:
+                    self.log.warning("%s missing from %s although owned: plumbing again", key, spec.interface)
+                    self._drive(key, Event.FOUND_MISSING)
+
+    async def _check_other(self, node: str, body: dict) -> None:
+        held = body.get("held")
+        sent = body.get("time")
+        if not isinstance(held, list) or not isinstance(sent, (int, float)):
+            return
+        for key in held:
+            # a status sent before we acquired may still be in flight during a graceful move
+            if key in self.fsm and self.fsm[key].state == State.OWNED and sent > self.acquired_at.get(key, 0) + 0.05:
+                self._drive(key, Event.OTHER_OWNER_SEEN)
+
+    def rpc_status(self) -> dict:
+        now = time.monotonic()
+        return {"node": self.member.name, "held": self.held(),
+                "states": {k: f.state.value for k, f in self.fsm.items()},
+                "assignment": {"term": self.assignment.get("term"), "owners": self.assignment.get("owners")},
+                "lease_left": {k: round(max(0.0, self._quorum_until(k) - now), 3) for k in self.specs},
+                "counters": self.counters, "dry_run": bool(getattr(self.plumber, "dry_run", False))}
