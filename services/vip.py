@@ -28,6 +28,7 @@ in memory instead of plumbing them, and says so in its status.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from typing import Any
@@ -45,7 +46,7 @@ class DryRunPlumber:
     def __init__(self):
         self.held: set[tuple[str, str]] = set()
 
-    def add(self, address: str, ifname: str) -> bool:
+    def add(self, address: str, ifname: str, lifetime: int | None = None) -> bool:
         self.held.add((address, ifname))
         return True
 
@@ -84,6 +85,10 @@ class VipService(Service):
         self.acquire_poll = max(0.01, t.probe_interval / 3)
         self.counters = {"acquired": 0, "released": 0, "expired": 0, "garp": 0, "alarms": 0, "plumb_errors": 0}
         self.acquired_at: dict[str, float] = {}
+        self.refreshed: dict[str, float] = {}
+        # The kernel deletes the address this long after our last refresh if we all die
+        # (kill -9 of the whole node): whole seconds, at least 2 so one late refresh is harmless.
+        self.kernel_lifetime = max(2, math.ceil(2 * t.lease))
 
     # -- set-up -------------------------------------------------------------------
     async def handle_init(self) -> None:
@@ -226,12 +231,24 @@ class VipService(Service):
                 self._drive(key, Event.LEASE_GRANTED)
             elif fsm.state in (State.OWNED, State.ACQUIRING):
                 fsm.handle(Event.LEASE_RENEWED)
+                self._refresh_lifetime(key, now)
             self._arm_expiry(key, until)
         elif fsm.holds:
             self.counters["expired"] += 1
             self.log.warning("%s: lease lapsed (no majority of promises), unplumbing", key)
             self._drive(key, Event.LEASE_EXPIRED)
             self.loop.create_task(self._release_everywhere([key]))
+
+    def _refresh_lifetime(self, key: str, now: float) -> None:
+        """Push the kernel's own expiry of the address forward (at most twice a second)."""
+        if self.fsm[key].state != State.OWNED or now - self.refreshed.get(key, 0) < 0.5:
+            return
+        self.refreshed[key] = now
+        spec = self.specs[key]
+        try:
+            self.plumber.add(spec.address, spec.interface, lifetime=self.kernel_lifetime)
+        except Exception as e:
+            self.log.error("cannot refresh %s on %s: %s", spec.address, spec.interface, e)
 
     def _arm_expiry(self, key: str, until: float) -> None:
         old = self.timers.pop(key, None)
@@ -250,11 +267,11 @@ class VipService(Service):
         spec = self.specs[key]
         if action is Action.PLUMB:
             try:
-                self.plumber.add(spec.address, spec.interface)
+                self.plumber.add(spec.address, spec.interface, lifetime=self.kernel_lifetime)
             except Exception as e:
                 self.counters["plumb_errors"] += 1
                 self.log.error("cannot plumb %s on %s: %s", spec.address, spec.interface, e)
-                self._drive(key, Event.LEASE_EXPIRED)
+                self._drive(key, Event.PLUMB_FAILED)
                 return
             self.acquired_at[key] = time.time()
             self.counters["acquired"] += 1
@@ -266,6 +283,8 @@ class VipService(Service):
             except Exception as e:
                 self.counters["plumb_errors"] += 1
                 self.log.error("cannot unplumb %s on %s: %s", spec.address, spec.interface, e)
+                self._drive(key, Event.UNPLUMB_FAILED)
+                return
             self.log.info("%s: unplumbed", spec.address)
             self.counters["released"] += 1
             self._drive(key, Event.UNPLUMB_DONE)
@@ -280,6 +299,10 @@ class VipService(Service):
             self.loop.create_task(self._publish_status())
         elif action is Action.REPORT_RELEASED:
             self.loop.create_task(self._publish_status())
+        elif action in (Action.ALARM_PLUMB_FAILED, Action.ALARM_UNPLUMB_FAILED):
+            self.counters["alarms"] += 1
+            self.loop.create_task(self.alarm(action.value.replace("alarm_", ""),
+                                             f"VIP {key}: {action.value.replace('alarm_', '').replace('_', ' ')}", vip=key))
         elif action is Action.ALARM_TWO_OWNERS:
             self.counters["alarms"] += 1
             self.loop.create_task(self.alarm("two_owners", f"VIP {key} is held by this node and another",

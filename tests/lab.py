@@ -216,6 +216,11 @@ def _link_index(ipr: IPRoute, ifname: str) -> int:
     return found[0]
 
 
+def _link_up(ipr: IPRoute, index: int) -> bool:
+    links = ipr.get_links(index)
+    return bool(links) and bool(links[0]["flags"] & 1)   # IFF_UP
+
+
 def _ipv4_addresses(ipr: IPRoute, index: int) -> set[str]:
     return {
         msg.get("address")
@@ -693,8 +698,9 @@ class FlapHandle:
 class AddressSampler:
     """Samples which member holds which VIP, every `interval` seconds, in a background thread.
 
-    Each sample is ``(time.time(), {vip: [member indices holding it]})``. One pyroute2 handle
-    per member namespace stays open for the sampler's life (opened inside its thread).
+    Each sample is ``(time.time(), {vip: [member indices holding it]})``; a member holds a
+    VIP when the address is on its eth0 *and* eth0 is up. One pyroute2 handle per member
+    namespace stays open for the sampler's life (opened inside its thread).
     """
 
     lab: Lab
@@ -753,6 +759,10 @@ class AddressSampler:
         t = time.time()
         holders: dict[str, list[int]] = {v: [] for v in self.vips}
         for i, ipr, eth0 in handles:
+            # An address on a link that is down answers no ARP and takes no traffic: it is
+            # not held (a killed node whose link was downed keeps its addresses configured).
+            if not _link_up(ipr, eth0):
+                continue
             present = _ipv4_addresses(ipr, eth0)
             for v in self.vips:
                 if v in present:

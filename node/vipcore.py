@@ -1,0 +1,622 @@
+"""Pure VIP decisions: which node owns each VIP, one VIP's owner state machine, lease arithmetic.
+
+Nothing here performs I/O or reads a clock: every input is passed in, every decision is returned.
+The VIP service (I/O edge: ``node/netlink.py``) and the coordinator call these functions.
+
+Addresses
+---------
+A VIP is configured as ``"10.99.0.100/24"`` (IPv4, prefix required: the prefix is what gets
+plumbed and exactly that prefix is removed again). Everywhere a VIP is *named* (result keys of
+:func:`assign_vips`, ``pinned``, ``current``, ``follow``) the bare address is the key: use
+:func:`vip_key`, which accepts either form (``"10.99.0.100"`` or ``"10.99.0.100/24"``).
+
+Assignment (:func:`assign_vips`)
+--------------------------------
+See the function's docstring for the rule order: pin, preference, stability, load, followers.
+
+Owner state machine (:class:`VipOwnerFSM`)
+------------------------------------------
+One VIP seen from one node, in the style of the zguide's Binary Star: an explicit table
+``TRANSITIONS[(state, event)] -> (next_state, actions)``. Every (state, event) pair is in exactly
+one of ``TRANSITIONS``, ``IGNORED`` (harmless: a duplicate, or a stale completion) or ``INVALID``
+(cannot happen when the caller keeps the contract below: count it, it points at a bug). Neither
+ignored nor invalid events raise or change the state.
+
+States::
+
+    RELEASED   not plumbed here, not ours (the start state: the service unplumbs every managed
+               address it holds at start, then waits for an election)
+    ACQUIRING  lease granted, PLUMB issued, not yet confirmed
+    OWNED      plumbed, lease valid, GARP sent
+    RELEASING  unplumbing (release ordered, lease expired, plumbing failed, or found plumbed
+               without a lease)
+    FENCED     we lost quorum: must not hold, and must not accept a grant until quorum is back
+
+Events::
+
+    LEASE_GRANTED, LEASE_RENEWED   from the coordinator (the caller has already checked the
+                                   lease with lease_valid and dropped a stale one)
+    LEASE_EXPIRED                  our own monotonic clock says the lease ran out
+    RELEASE_ORDERED                coordinator: hand it on (manual move, failback, drain)
+    PLUMB_DONE, UNPLUMB_DONE       the I/O we asked for completed
+    PLUMB_FAILED, UNPLUMB_FAILED   the I/O we asked for failed (the address is as it was)
+    QUORUM_LOST, QUORUM_REGAINED   from membership/election
+    FOUND_PLUMBED_UNEXPECTEDLY     reconciliation saw the address on our interface (it matters
+                                   only when we do not claim it: RELEASED, RELEASING, FENCED)
+    FOUND_MISSING                  reconciliation saw the address missing (it matters only when
+                                   we own it or are releasing it: OWNED, RELEASING)
+    OTHER_OWNER_SEEN               an ARP/announcement of another holder while we claim it
+
+Actions: ``PLUMB``, ``UNPLUMB``, ``GARP_BURST``, ``SCHEDULE_GARP_REPEAT``, ``CANCEL_GARP_REPEAT``,
+``REPORT_OWNED``, ``REPORT_RELEASED`` (tell the coordinator), and alarms, which the caller raises
+as cluster alarms, not log lines: ``ALARM_TWO_OWNERS`` (a safety violation),
+``ALARM_PLUMB_FAILED``, ``ALARM_UNPLUMB_FAILED``.
+
+Contract for the caller: execute actions in the order given, serialise the plumbing I/O of one
+VIP (a PLUMB issued after an UNPLUMB completes after it), and feed exactly one completion
+(``*_DONE`` or ``*_FAILED``) per PLUMB/UNPLUMB. :class:`VipOwnerFSM` counts the operations in
+flight and applies two rules before the table:
+
+* a completion counts only when it finishes the *last* operation issued; earlier ones are
+  superseded (IGNORED), because only the last one says what is plumbed now;
+* reconciliation events are IGNORED while an operation is in flight (the observation may
+  predate it).
+
+With no operation in flight, a "not ours" state answers ``PLUMB_DONE`` or a reconciliation
+finding with another (idempotent) ``UNPLUMB``: when in doubt, do not hold. A failed UNPLUMB is
+retried by the next reconciliation (``FOUND_PLUMBED_UNEXPECTEDLY``), not in a tight loop.
+
+Why lease expiry goes to RELEASING and not FENCED: FENCED is left only when quorum returns. An
+expired lease with quorum intact (a lost renewal) is an involuntary release: unplumb now, then
+report, so the coordinator may grant it again at once. Quorum loss is what fences.
+
+Leases (:func:`lease_valid`, :func:`handover_wait`)
+---------------------------------------------------
+The holder measures its lease on its own monotonic clock from *before* it asked, so any delay in
+the request or the grant only shortens the lease it believes in. Whoever hands the address on
+(the coordinator granting it elsewhere, a new coordinator) waits out the longest lease that could
+still be held: ``lease * (1 + max_drift_ppm / 1e6) + margin``, where ``max_drift_ppm`` bounds the
+rate ratio of any two members' monotonic clocks: over any span, one advances at most
+``1 + max_drift_ppm / 1e6`` times as much as another (Chubby; Raft thesis section 6.4). (Read as
+"a clock runs slow by at most d", the exact wait would be ``lease / (1 - d)``; the difference,
+``lease * d**2`` to first order, is far below any sensible margin.)
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import math
+from dataclasses import dataclass
+
+__all__ = [
+    "KINDS",
+    "DEFAULT_MAX_DRIFT_PPM",
+    "VipError",
+    "VipSpec",
+    "parse_vip_address",
+    "vip_key",
+    "validate_vips",
+    "assign_vips",
+    "State",
+    "Event",
+    "Action",
+    "Outcome",
+    "Step",
+    "TRANSITIONS",
+    "IGNORED",
+    "INVALID",
+    "step",
+    "VipOwnerFSM",
+    "lease_valid",
+    "lease_remaining",
+    "handover_wait",
+]
+
+KINDS = ("injection", "outbound")
+
+# Quartz oscillators are specified around +-100 ppm; 500 ppm leaves room for a bad one and for
+# NTP slewing (which changes CLOCK_MONOTONIC's rate by at most 500 ppm on Linux).
+DEFAULT_MAX_DRIFT_PPM = 500.0
+
+_IFNAMSIZ = 16  # Linux interface names are at most 15 bytes plus NUL
+
+
+class VipError(ValueError):
+    """A bad VIP specification or a bad argument to a VIP decision; the message is one line."""
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+@dataclass(frozen=True)
+class VipSpec:
+    """One configured VIP.
+
+    ``address`` is ``"a.b.c.d/prefix"``; ``kind`` is ``"injection"`` (listener) or ``"outbound"``
+    (binding); ``preference`` names the node that should hold it when up; ``follow`` names another
+    VIP (with or without prefix) that this one always moves with. Checked by :func:`validate_vips`.
+    """
+
+    address: str
+    interface: str
+    kind: str = "injection"
+    preference: str | None = None
+    follow: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The bare address that names this VIP (raises VipError when malformed)."""
+        return vip_key(self.address)
+
+
+def parse_vip_address(text: str, *, require_prefix: bool = True) -> tuple[str, int]:
+    """Split ``"10.99.0.100/24"`` into ``("10.99.0.100", 24)``; IPv4 only.
+
+    Without ``require_prefix`` a bare address is accepted and gets prefix 32.
+    Raises VipError with a one-line message on anything else.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise VipError(f"bad VIP address {text!r}: expected a.b.c.d/prefix")
+    raw = text.strip()
+    addr_part, sep, prefix_part = raw.partition("/")
+    if not sep and require_prefix:
+        raise VipError(f"bad VIP address {text!r}: a prefix is required (e.g. {raw}/24)")
+    try:
+        addr = ipaddress.IPv4Address(addr_part)
+    except ValueError:
+        raise VipError(f"bad VIP address {text!r}: not an IPv4 address") from None
+    if not sep:
+        return str(addr), 32
+    if not prefix_part.isdigit() or not 1 <= int(prefix_part) <= 32:
+        raise VipError(f"bad VIP address {text!r}: prefix must be a number from 1 to 32")
+    return str(addr), int(prefix_part)
+
+
+def vip_key(text: str) -> str:
+    """The canonical bare address naming a VIP; accepts ``"a.b.c.d"`` or ``"a.b.c.d/p"``."""
+    return parse_vip_address(text, require_prefix=False)[0]
+
+
+def _interface_error(name: object) -> str | None:
+    if not isinstance(name, str) or not name:
+        return "interface name is empty"
+    if len(name.encode()) >= _IFNAMSIZ:
+        return f"interface name {name!r} is longer than {_IFNAMSIZ - 1} bytes"
+    if name in (".", "..") or any(c == "/" or c == ":" or c.isspace() for c in name):
+        return f"interface name {name!r} contains a character Linux does not allow"
+    return None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_vips(vips: list[VipSpec], node_names: list[str]) -> list[str]:
+    """Check a VIP configuration; return one-line error messages (empty when valid).
+
+    Checks: address syntax and prefix (IPv4, prefix 1..32, not the network or broadcast address
+    of its subnet), duplicate addresses (by bare address, whatever the prefix), interface name,
+    ``kind``, ``preference`` naming a configured node, ``follow`` naming a configured VIP (not
+    itself), ``follow`` together with ``preference`` (the preference could never apply), and
+    follow cycles. The order of the messages is deterministic.
+    """
+    errors: list[str] = []
+    known_nodes = set(node_names)
+    keys: dict[str, str] = {}  # bare address -> configured text of its first occurrence
+    follow_of: dict[str, str] = {}  # follower key -> target key (only well-formed ones)
+
+    for spec in vips:
+        label = f"VIP {spec.address!r}"
+        try:
+            ip, prefix = parse_vip_address(spec.address)
+        except VipError as exc:
+            errors.append(str(exc))
+            continue
+        net = ipaddress.IPv4Network(f"{ip}/{prefix}", strict=False)
+        if prefix <= 30 and ipaddress.IPv4Address(ip) == net.network_address:
+            errors.append(f"{label}: is the network address of {net}")
+        elif prefix <= 30 and ipaddress.IPv4Address(ip) == net.broadcast_address:
+            errors.append(f"{label}: is the broadcast address of {net}")
+        if ip in keys:
+            errors.append(f"{label}: duplicate address (also configured as {keys[ip]!r})")
+        else:
+            keys[ip] = spec.address
+        problem = _interface_error(spec.interface)
+        if problem:
+            errors.append(f"{label}: {problem}")
+        if spec.kind not in KINDS:
+            errors.append(f"{label}: kind {spec.kind!r} is not one of {', '.join(KINDS)}")
+        if spec.preference is not None and spec.preference not in known_nodes:
+            errors.append(f"{label}: preference {spec.preference!r} is not a configured node")
+        if spec.follow is not None:
+            if spec.preference is not None:
+                errors.append(f"{label}: has both follow and preference; a follower goes "
+                              "wherever its target goes, so remove one")
+            try:
+                target = vip_key(spec.follow)
+            except VipError as exc:
+                errors.append(f"{label}: follow: {exc}")
+                continue
+            follow_of[ip] = target
+
+    for follower, target in follow_of.items():
+        if target == follower:
+            errors.append(f"VIP {keys[follower]!r}: follows itself")
+        elif target not in keys:
+            errors.append(f"VIP {keys[follower]!r}: follows {target!r}, which is not a configured VIP")
+
+    reported: set[str] = set()
+    for start in follow_of:
+        cycle = _find_cycle(start, follow_of)
+        if cycle and len(cycle) > 1 and not reported.intersection(cycle):
+            reported.update(cycle)
+            errors.append("follow cycle: " + " -> ".join(cycle + [cycle[0]]))
+    return errors
+
+
+def _find_cycle(start: str, follow_of: dict[str, str]) -> list[str] | None:
+    """The cycle reached from ``start`` along follow links, in order, or None."""
+    path: list[str] = []
+    seen: dict[str, int] = {}
+    node: str | None = start
+    while node is not None and node in follow_of:
+        if node in seen:
+            return path[seen[node]:]
+        seen[node] = len(path)
+        path.append(node)
+        node = follow_of[node]
+    return None
+
+
+# --------------------------------------------------------------------------- assignment
+
+
+def _leader_of(key: str, follow_of: dict[str, str], known: set[str]) -> str:
+    """Resolve a follow chain to the VIP that actually decides where the group goes."""
+    seen = [key]
+    while key in follow_of:
+        key = follow_of[key]
+        if key not in known:
+            raise VipError(f"VIP {seen[-1]!r} follows {key!r}, which is not a configured VIP")
+        if key in seen:
+            raise VipError("follow cycle: " + " -> ".join(seen[seen.index(key):] + [key]))
+        seen.append(key)
+    return key
+
+
+def assign_vips(
+    vips: list[VipSpec],
+    candidates: list[str],
+    loads: dict[str, float],
+    drained: set[str],
+    pinned: dict[str, str],
+    current: dict[str, str],
+) -> dict[str, str | None]:
+    """Choose an owner for every VIP; returns ``{bare address: node or None}``.
+
+    ``candidates`` are the live nodes eligible to hold VIPs; a candidate that is in ``drained``
+    is not eligible. ``loads`` is extra load per node (missing means 0). ``pinned`` holds manual
+    moves (VIP -> node) and ``current`` the present owners; their keys may carry a prefix or not.
+
+    Rule order for a VIP that does not follow another (first rule that applies wins):
+
+    1. pinned: the node of a manual move, when it is eligible;
+    2. preference: the preferred node, when it is eligible (so a VIP goes back when its
+       preferred node returns: preference beats stability);
+    3. stability: the current owner, when it is still eligible (no needless moves);
+    4. load: the eligible node with the lowest load, where load = ``loads[node]`` + the number
+       of VIPs assigned to it so far in this round; ties go to the first node in name order.
+
+    Rules 1-3 are applied to every VIP before rule 4 places the rest, in configured order, so the
+    load counts every VIP placed by rules 1-3. A VIP placed on a node counts together with all
+    its (transitive) followers. A follower goes wherever the VIP it follows (resolved along the
+    chain) goes; its own pin is ignored (move the VIP it follows instead). With no eligible node
+    every owner is None. The result depends only on the arguments (not on the order of
+    ``candidates`` or of set/dict iteration). Raises VipError for a malformed address, an unknown
+    follow target or a follow cycle (:func:`validate_vips` reports these up front).
+    """
+    keys = [spec.key for spec in vips]
+    known = set(keys)
+    if len(known) != len(keys):
+        raise VipError("duplicate VIP addresses: run validate_vips first")
+    follow_of = {spec.key: vip_key(spec.follow) for spec in vips if spec.follow is not None}
+    pinned_by_key = {vip_key(k): v for k, v in pinned.items()}
+    current_by_key = {vip_key(k): v for k, v in current.items()}
+
+    eligible = sorted(set(candidates) - set(drained))
+    eligible_set = set(eligible)
+
+    leader = {key: _leader_of(key, follow_of, known) for key in keys}
+    group_size: dict[str, int] = {}
+    for key in keys:
+        group_size[leader[key]] = group_size.get(leader[key], 0) + 1
+
+    load = {node: float(loads.get(node, 0.0)) for node in eligible}
+    owner_of_leader: dict[str, str | None] = {}
+    leaders = [spec for spec in vips if spec.key not in follow_of]
+
+    if eligible:
+        for spec in leaders:  # rules 1-3
+            key = spec.key
+            for choice in (pinned_by_key.get(key), spec.preference, current_by_key.get(key)):
+                if choice is not None and choice in eligible_set:
+                    owner_of_leader[key] = choice
+                    load[choice] += group_size[key]
+                    break
+        for spec in leaders:  # rule 4
+            key = spec.key
+            if key in owner_of_leader:
+                continue
+            # min() keeps the first of equal loads, and eligible is in name order
+            choice = min(eligible, key=lambda node: load[node])
+            owner_of_leader[key] = choice
+            load[choice] += group_size[key]
+
+    return {key: owner_of_leader.get(leader[key]) for key in keys}
+
+
+# --------------------------------------------------------------------------- owner state machine
+
+
+class State(enum.Enum):
+    """States of one VIP on one node (see the module docstring)."""
+
+    RELEASED = "released"
+    ACQUIRING = "acquiring"
+    OWNED = "owned"
+    RELEASING = "releasing"
+    FENCED = "fenced"
+
+
+class Event(enum.Enum):
+    """Inputs to the owner state machine (see the module docstring)."""
+
+    LEASE_GRANTED = "lease_granted"
+    LEASE_RENEWED = "lease_renewed"
+    LEASE_EXPIRED = "lease_expired"
+    RELEASE_ORDERED = "release_ordered"
+    PLUMB_DONE = "plumb_done"
+    UNPLUMB_DONE = "unplumb_done"
+    PLUMB_FAILED = "plumb_failed"
+    UNPLUMB_FAILED = "unplumb_failed"
+    QUORUM_LOST = "quorum_lost"
+    QUORUM_REGAINED = "quorum_regained"
+    FOUND_PLUMBED_UNEXPECTEDLY = "found_plumbed_unexpectedly"
+    FOUND_MISSING = "found_missing"
+    OTHER_OWNER_SEEN = "other_owner_seen"
+
+
+class Action(enum.Enum):
+    """What the caller must do, in order, after a transition."""
+
+    PLUMB = "plumb"
+    UNPLUMB = "unplumb"
+    GARP_BURST = "garp_burst"
+    SCHEDULE_GARP_REPEAT = "schedule_garp_repeat"
+    CANCEL_GARP_REPEAT = "cancel_garp_repeat"
+    REPORT_OWNED = "report_owned"
+    REPORT_RELEASED = "report_released"
+    ALARM_TWO_OWNERS = "alarm_two_owners"
+    ALARM_PLUMB_FAILED = "alarm_plumb_failed"
+    ALARM_UNPLUMB_FAILED = "alarm_unplumb_failed"
+
+
+class Outcome(enum.Enum):
+    """How an event was taken: applied (in TRANSITIONS), ignored, or invalid for the state."""
+
+    APPLIED = "applied"
+    IGNORED = "ignored"
+    INVALID = "invalid"
+
+
+S, E, A = State, Event, Action
+
+TRANSITIONS: dict[tuple[State, Event], tuple[State, list[Action]]] = {
+    # RELEASED: not ours, not plumbed
+    (S.RELEASED, E.LEASE_GRANTED): (S.ACQUIRING, [A.PLUMB]),
+    (S.RELEASED, E.RELEASE_ORDERED): (S.RELEASED, [A.REPORT_RELEASED]),  # idempotent ack
+    (S.RELEASED, E.PLUMB_DONE): (S.RELEASING, [A.UNPLUMB]),  # plumbed without a lease: undo
+    (S.RELEASED, E.QUORUM_LOST): (S.FENCED, []),
+    (S.RELEASED, E.FOUND_PLUMBED_UNEXPECTEDLY): (S.RELEASING, [A.UNPLUMB]),
+    # ACQUIRING: lease granted, PLUMB in flight
+    (S.ACQUIRING, E.LEASE_RENEWED): (S.ACQUIRING, []),
+    (S.ACQUIRING, E.LEASE_EXPIRED): (S.RELEASING, [A.UNPLUMB]),
+    (S.ACQUIRING, E.RELEASE_ORDERED): (S.RELEASING, [A.UNPLUMB]),
+    (S.ACQUIRING, E.PLUMB_DONE): (
+        S.OWNED, [A.GARP_BURST, A.SCHEDULE_GARP_REPEAT, A.REPORT_OWNED]),
+    # give the lease back (the coordinator decides elsewhere); UNPLUMB undoes any partial work
+    (S.ACQUIRING, E.PLUMB_FAILED): (S.RELEASING, [A.ALARM_PLUMB_FAILED, A.UNPLUMB]),
+    (S.ACQUIRING, E.QUORUM_LOST): (S.FENCED, [A.UNPLUMB]),
+    (S.ACQUIRING, E.OTHER_OWNER_SEEN): (S.ACQUIRING, [A.ALARM_TWO_OWNERS]),
+    # OWNED: plumbed, lease valid
+    (S.OWNED, E.LEASE_GRANTED): (S.OWNED, []),  # a re-grant (e.g. new term) acts as a renewal
+    (S.OWNED, E.LEASE_RENEWED): (S.OWNED, []),
+    (S.OWNED, E.LEASE_EXPIRED): (S.RELEASING, [A.CANCEL_GARP_REPEAT, A.UNPLUMB]),
+    (S.OWNED, E.RELEASE_ORDERED): (S.RELEASING, [A.CANCEL_GARP_REPEAT, A.UNPLUMB]),
+    (S.OWNED, E.QUORUM_LOST): (S.FENCED, [A.CANCEL_GARP_REPEAT, A.UNPLUMB]),
+    (S.OWNED, E.FOUND_MISSING): (S.ACQUIRING, [A.CANCEL_GARP_REPEAT, A.PLUMB]),
+    # we hold a valid lease: alarm, and re-announce so clients come back to the rightful holder
+    (S.OWNED, E.OTHER_OWNER_SEEN): (S.OWNED, [A.ALARM_TWO_OWNERS, A.GARP_BURST]),
+    # RELEASING: UNPLUMB in flight (or failed, awaiting reconciliation)
+    (S.RELEASING, E.UNPLUMB_DONE): (S.RELEASED, [A.REPORT_RELEASED]),
+    (S.RELEASING, E.UNPLUMB_FAILED): (S.RELEASING, [A.ALARM_UNPLUMB_FAILED]),
+    (S.RELEASING, E.FOUND_PLUMBED_UNEXPECTEDLY): (S.RELEASING, [A.UNPLUMB]),  # retry
+    (S.RELEASING, E.FOUND_MISSING): (S.RELEASED, [A.REPORT_RELEASED]),  # gone after all
+    (S.RELEASING, E.QUORUM_LOST): (S.FENCED, []),  # the UNPLUMB is already queued
+    # FENCED: no quorum; hold nothing, take nothing
+    (S.FENCED, E.PLUMB_DONE): (S.FENCED, [A.UNPLUMB]),  # a late plumb: take it off again
+    (S.FENCED, E.UNPLUMB_DONE): (S.FENCED, []),
+    (S.FENCED, E.UNPLUMB_FAILED): (S.FENCED, [A.ALARM_UNPLUMB_FAILED]),
+    # unplumb once more (idempotent) so that the report follows every earlier UNPLUMB
+    (S.FENCED, E.QUORUM_REGAINED): (S.RELEASING, [A.UNPLUMB]),
+    (S.FENCED, E.FOUND_PLUMBED_UNEXPECTEDLY): (S.FENCED, [A.UNPLUMB]),
+}
+
+# Harmless events: duplicates, stale news, news that needs no action in this state.
+IGNORED: frozenset[tuple[State, Event]] = frozenset({
+    (S.RELEASED, E.LEASE_RENEWED),  # renewal of a lease we no longer hold
+    (S.RELEASED, E.LEASE_EXPIRED),
+    (S.RELEASED, E.UNPLUMB_DONE),  # an UNPLUMB of ours that was not needed
+    (S.RELEASED, E.PLUMB_FAILED),  # a plumb we no longer wanted did not happen: fine
+    (S.RELEASED, E.QUORUM_REGAINED),
+    (S.RELEASED, E.FOUND_MISSING),  # not ours: missing is right
+    (S.RELEASED, E.OTHER_OWNER_SEEN),  # someone else holds it: fine
+    (S.ACQUIRING, E.LEASE_GRANTED),  # duplicate
+    (S.ACQUIRING, E.QUORUM_REGAINED),
+    (S.ACQUIRING, E.FOUND_PLUMBED_UNEXPECTEDLY),  # the PLUMB in flight decides
+    (S.ACQUIRING, E.FOUND_MISSING),
+    (S.OWNED, E.PLUMB_DONE),  # duplicate
+    (S.OWNED, E.QUORUM_REGAINED),
+    (S.OWNED, E.FOUND_PLUMBED_UNEXPECTEDLY),  # ours, and plumbed: as it should be
+    (S.RELEASING, E.LEASE_GRANTED),  # finish releasing first; the coordinator re-grants
+    (S.RELEASING, E.LEASE_RENEWED),
+    (S.RELEASING, E.LEASE_EXPIRED),  # already unplumbing
+    (S.RELEASING, E.RELEASE_ORDERED),  # duplicate
+    (S.RELEASING, E.QUORUM_REGAINED),
+    (S.RELEASING, E.OTHER_OWNER_SEEN),  # the next owner: expected
+    (S.FENCED, E.LEASE_GRANTED),  # never act on a grant without quorum
+    (S.FENCED, E.LEASE_RENEWED),
+    (S.FENCED, E.LEASE_EXPIRED),
+    (S.FENCED, E.RELEASE_ORDERED),  # reported when quorum returns
+    (S.FENCED, E.PLUMB_FAILED),
+    (S.FENCED, E.QUORUM_LOST),
+    (S.FENCED, E.FOUND_MISSING),  # not holding is right
+    (S.FENCED, E.OTHER_OWNER_SEEN),
+})
+
+# Impossible when the caller keeps the contract (all are completions that do not match the last
+# operation issued): counted, they point at a bug. For instance (OWNED, UNPLUMB_DONE): no
+# UNPLUMB was issued since the PLUMB that made us owner; (RELEASING, PLUMB_DONE): every way into
+# RELEASING issues an UNPLUMB, so the last completion there is an UNPLUMB's.
+INVALID: frozenset[tuple[State, Event]] = frozenset(
+    (state, event)
+    for state in State
+    for event in Event
+    if (state, event) not in TRANSITIONS and (state, event) not in IGNORED
+)
+
+del S, E, A
+
+
+@dataclass(frozen=True)
+class Step:
+    """The result of feeding one event: outcome, next state, actions to perform in order."""
+
+    outcome: Outcome
+    state: State
+    actions: tuple[Action, ...]
+
+
+def step(state: State, event: Event) -> Step:
+    """Pure transition function over TRANSITIONS/IGNORED/INVALID; never raises for enum inputs."""
+    if not isinstance(state, State) or not isinstance(event, Event):
+        raise VipError(f"step() needs a State and an Event, got {state!r}, {event!r}")
+    entry = TRANSITIONS.get((state, event))
+    if entry is not None:
+        return Step(Outcome.APPLIED, entry[0], tuple(entry[1]))
+    outcome = Outcome.IGNORED if (state, event) in IGNORED else Outcome.INVALID
+    return Step(outcome, state, ())
+
+
+_COMPLETIONS = frozenset({Event.PLUMB_DONE, Event.UNPLUMB_DONE,
+                          Event.PLUMB_FAILED, Event.UNPLUMB_FAILED})
+_OBSERVATIONS = frozenset({Event.FOUND_PLUMBED_UNEXPECTEDLY, Event.FOUND_MISSING})
+_IO_ACTIONS = frozenset({Action.PLUMB, Action.UNPLUMB})
+
+
+class VipOwnerFSM:
+    """Owner state machine of one VIP on one node: :func:`step` plus the I/O-in-flight rules.
+
+    ``handle(event)`` returns the actions to perform, in order (a new list; empty when the event
+    was ignored or invalid), and records ``last_outcome``. ``pending_io`` counts PLUMB/UNPLUMB
+    actions not yet completed; ``invalid_events`` counts invalid events (see the module
+    docstring for both rules and the caller's contract).
+    """
+
+    def __init__(self, vip: str = "", state: State = State.RELEASED) -> None:
+        if not isinstance(state, State):
+            raise VipError(f"VipOwnerFSM state must be a State, got {state!r}")
+        self.vip = vip
+        self.state = state
+        self.pending_io = 0
+        self.last_outcome: Outcome | None = None
+        self.invalid_events = 0
+
+    def handle(self, event: Event) -> list[Action]:
+        """Feed one event; return the actions for the caller to perform, in order."""
+        if not isinstance(event, Event):
+            raise VipError(f"VipOwnerFSM.handle needs an Event, got {event!r}")
+        if event in _COMPLETIONS and self.pending_io:
+            self.pending_io -= 1
+            if self.pending_io:  # superseded by a later operation
+                self.last_outcome = Outcome.IGNORED
+                return []
+        elif event in _OBSERVATIONS and self.pending_io:
+            self.last_outcome = Outcome.IGNORED
+            return []
+        result = step(self.state, event)
+        self.last_outcome = result.outcome
+        if result.outcome is Outcome.INVALID:
+            self.invalid_events += 1
+        self.state = result.state
+        self.pending_io += sum(1 for action in result.actions if action in _IO_ACTIONS)
+        return list(result.actions)
+
+    @property
+    def holds(self) -> bool:
+        """True while this node claims the VIP (it may have it plumbed)."""
+        return self.state in (State.ACQUIRING, State.OWNED)
+
+    def __repr__(self) -> str:
+        return f"VipOwnerFSM({self.vip!r}, {self.state.name}, pending_io={self.pending_io})"
+
+
+# --------------------------------------------------------------------------- leases
+
+
+def _check_number(name: str, value: float, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise VipError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise VipError(f"{name} must be {'positive' if positive else 'non-negative'}, got {value!r}")
+    return float(value)
+
+
+def lease_remaining(granted_at_monotonic: float, duration: float, now_monotonic: float,
+                    drift_ppm: float = 0.0) -> float:
+    """Seconds of lease left (0.0 when expired), measured on the holder's monotonic clock.
+
+    ``granted_at_monotonic`` must be the holder's clock reading from *before* it sent the request.
+    ``drift_ppm`` optionally shortens the lease further on the holder's side; the default 0 is
+    right when the handing-on side uses :func:`handover_wait` with the drift bound.
+    """
+    start = _check_number("granted_at_monotonic", granted_at_monotonic)
+    length = _check_number("duration", duration)
+    now = _check_number("now_monotonic", now_monotonic)
+    drift = _check_number("drift_ppm", drift_ppm)
+    if drift >= 1e6:
+        raise VipError(f"drift_ppm must be below 1000000, got {drift_ppm!r}")
+    if now < start:
+        raise VipError(f"now_monotonic {now} is before granted_at_monotonic {start}: "
+                       "both must come from the same monotonic clock")
+    return max(0.0, start + length * (1.0 - drift / 1e6) - now)
+
+
+def lease_valid(granted_at_monotonic: float, duration: float, now_monotonic: float,
+                drift_ppm: float = 0.0) -> bool:
+    """True while the holder may keep the address (see :func:`lease_remaining`)."""
+    return lease_remaining(granted_at_monotonic, duration, now_monotonic, drift_ppm) > 0.0
+
+
+def handover_wait(lease_duration: float, max_drift_ppm: float = DEFAULT_MAX_DRIFT_PPM,
+                  margin: float = 0.0) -> float:
+    """Seconds whoever hands an address on must wait after the last grant or renewal it sent.
+
+    ``lease_duration * (1 + max_drift_ppm / 1e6) + margin``: the longest a holder could still
+    believe its lease valid when our clock advances at most ``1 + max_drift_ppm / 1e6`` times as
+    much as the holder's, plus a margin for the holder's scheduling delay in unplumbing.
+    """
+    length = _check_number("lease_duration", lease_duration)
+    drift = _check_number("max_drift_ppm", max_drift_ppm)
+    extra = _check_number("margin", margin)
+    return length * (1.0 + drift / 1e6) + extra

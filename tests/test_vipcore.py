@@ -1,0 +1,487 @@
+"""Tests of node/vipcore.py: VIP assignment, validation, owner state machine, lease arithmetic."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.vipcore import (DEFAULT_MAX_DRIFT_PPM, IGNORED, INVALID, TRANSITIONS, Action, Event,
+                          Outcome, State, VipError, VipOwnerFSM, VipSpec, assign_vips,
+                          handover_wait, lease_remaining, lease_valid, parse_vip_address, step,
+                          validate_vips, vip_key)
+
+pytestmark = pytest.mark.timeout(60)
+
+NODES = ["a", "b", "c", "d"]
+
+
+def vip(n: int, **kw) -> VipSpec:
+    return VipSpec(address=f"10.99.0.{n}/24", interface="eth0", **kw)
+
+
+def run(vips, candidates=NODES, loads=None, drained=(), pinned=None, current=None):
+    return assign_vips(vips, list(candidates), dict(loads or {}), set(drained),
+                       dict(pinned or {}), dict(current or {}))
+
+
+# --------------------------------------------------------------------------- addresses
+
+def test_parse_vip_address_and_key():
+    assert parse_vip_address("10.99.0.100/24") == ("10.99.0.100", 24)
+    assert parse_vip_address(" 10.99.0.100/32 ") == ("10.99.0.100", 32)
+    assert parse_vip_address("10.99.0.100", require_prefix=False) == ("10.99.0.100", 32)
+    assert vip_key("10.99.0.100/24") == vip_key("10.99.0.100") == "10.99.0.100"
+
+
+@pytest.mark.parametrize("bad", ["", "10.99.0.100", "10.99.0.300/24", "10.99.0.1/33",
+                                 "10.99.0.1/0", "10.99.0.1/x", "fe80::1/64", "host/24", None])
+def test_parse_vip_address_rejects(bad):
+    with pytest.raises(VipError) as info:
+        parse_vip_address(bad)
+    assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- assignment table
+
+CASES = [
+    # (id, vips, kwargs, expected {vip number: owner})
+    ("preferred node up wins",
+     [vip(1, preference="b")], {}, {1: "b"}),
+    ("preferred node down: least load, name tie-break",
+     [vip(1, preference="b")], {"candidates": ["c", "a"]}, {1: "a"}),
+    ("preferred node drained",
+     [vip(1, preference="b")], {"drained": {"b"}}, {1: "a"}),
+    ("preference beats stability (failback)",
+     [vip(1, preference="b")], {"current": {"10.99.0.1": "c"}}, {1: "b"}),
+    ("stability beats load",
+     [vip(1), vip(2)], {"current": {"10.99.0.1/24": "c", "10.99.0.2": "c"},
+                        "loads": {"c": 10}}, {1: "c", 2: "c"}),
+    ("current owner drained: moves by load",
+     [vip(1)], {"current": {"10.99.0.1": "a"}, "drained": {"a"}}, {1: "b"}),
+    ("current owner no longer a candidate",
+     [vip(1)], {"current": {"10.99.0.1": "d"}, "candidates": ["a", "b"]}, {1: "a"}),
+    ("pin beats preference",
+     [vip(1, preference="b")], {"pinned": {"10.99.0.1/24": "c"}}, {1: "c"}),
+    ("pin to a drained node is not honoured",
+     [vip(1, preference="b")], {"pinned": {"10.99.0.1": "c"}, "drained": {"c"}}, {1: "b"}),
+    ("pin to a dead node is not honoured",
+     [vip(1)], {"pinned": {"10.99.0.1": "z"}, "current": {"10.99.0.1": "b"}}, {1: "b"}),
+    ("load balance spreads, ties by name",
+     [vip(1), vip(2), vip(3), vip(4), vip(5)], {"candidates": ["c", "b", "a"]},
+     {1: "a", 2: "b", 3: "c", 4: "a", 5: "b"}),
+    ("given loads steer placement",
+     [vip(1), vip(2)], {"candidates": ["a", "b"], "loads": {"a": 1.5}}, {1: "b", 2: "b"}),
+    ("fixed placements count as load before balancing",
+     [vip(1), vip(2, preference="a")], {"candidates": ["a", "b"]}, {1: "b", 2: "a"}),
+    ("follower goes with its target",
+     [vip(1, preference="c"), vip(2, follow="10.99.0.1")], {}, {1: "c", 2: "c"}),
+    ("follow chain resolved, target with prefix",
+     [vip(3, follow="10.99.0.2/24"), vip(2, follow="10.99.0.1"), vip(1, preference="d")], {},
+     {1: "d", 2: "d", 3: "d"}),
+    ("follower's own pin is ignored",
+     [vip(1, preference="a"), vip(2, follow="10.99.0.1")], {"pinned": {"10.99.0.2": "b"}},
+     {1: "a", 2: "a"}),
+    ("a group counts with its size",
+     [vip(1), vip(2, follow="10.99.0.1"), vip(3)], {"candidates": ["a", "b"]},
+     {1: "a", 2: "a", 3: "b"}),
+    ("no candidates",
+     [vip(1, preference="a"), vip(2, follow="10.99.0.1")], {"candidates": []}, {1: None, 2: None}),
+    ("every candidate drained",
+     [vip(1)], {"candidates": ["a", "b"], "drained": {"a", "b"}}, {1: None}),
+]
+
+
+@pytest.mark.parametrize("vips,kwargs,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_assign_vips_table(vips, kwargs, expected):
+    result = run(vips, **kwargs)
+    assert result == {f"10.99.0.{n}": owner for n, owner in expected.items()}
+
+
+def test_assign_vips_raises_on_cycle_and_unknown_follow():
+    with pytest.raises(VipError, match="cycle"):
+        run([vip(1, follow="10.99.0.2"), vip(2, follow="10.99.0.1")])
+    with pytest.raises(VipError, match="not a configured VIP"):
+        run([vip(1, follow="10.99.0.9")])
+    with pytest.raises(VipError):
+        run([vip(1), VipSpec("10.99.0.1/16", "eth0")])
+
+
+# --------------------------------------------------------------------------- assignment properties
+
+@st.composite
+def scenarios(draw):
+    count = draw(st.integers(1, 8))
+    specs = []
+    for i in range(count):
+        follow = None
+        if i and draw(st.booleans()):
+            follow = f"10.99.0.{draw(st.integers(1, i))}"  # only earlier VIPs: acyclic
+        preference = None if follow else draw(st.none() | st.sampled_from(NODES + ["zz"]))
+        specs.append(VipSpec(f"10.99.0.{i + 1}/24", "eth0", preference=preference, follow=follow))
+    specs = draw(st.permutations(specs))
+    keys = [f"10.99.0.{i + 1}" for i in range(count)]
+    candidates = draw(st.lists(st.sampled_from(NODES), unique=True))
+    drained = draw(st.sets(st.sampled_from(NODES)))
+    loads = draw(st.dictionaries(st.sampled_from(NODES), st.floats(0, 5)))
+    pinned = draw(st.dictionaries(st.sampled_from(keys), st.sampled_from(NODES + ["zz"])))
+    current = draw(st.dictionaries(st.sampled_from(keys), st.sampled_from(NODES + ["zz"])))
+    return specs, candidates, loads, drained, pinned, current
+
+
+def leader(key, specs):
+    by_key = {s.key: s for s in specs}
+    while by_key[key].follow:
+        key = vip_key(by_key[key].follow)
+    return key
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenarios())
+def test_assign_vips_properties(scenario):
+    specs, candidates, loads, drained, pinned, current = scenario
+    result = assign_vips(specs, candidates, loads, drained, pinned, current)
+    eligible = set(candidates) - drained
+    assert set(result) == {s.key for s in specs}
+    for spec in specs:
+        owner = result[spec.key]
+        # an owner iff some candidate is eligible, and always an eligible one
+        assert (owner is not None) == bool(eligible)
+        if owner is not None:
+            assert owner in candidates and owner not in drained
+        # followers are co-located with what they follow, directly and along the chain
+        if spec.follow:
+            assert owner == result[vip_key(spec.follow)]
+            assert owner == result[leader(spec.key, specs)]
+        else:
+            pin = pinned.get(spec.key)
+            if pin in eligible:
+                assert owner == pin
+            elif spec.preference in eligible:
+                assert owner == spec.preference
+            elif current.get(spec.key) in eligible:
+                assert owner == current[spec.key]
+    # deterministic, and independent of the order in which candidates are listed
+    assert assign_vips(specs, candidates, loads, drained, pinned, current) == result
+    assert assign_vips(specs, list(reversed(candidates)), loads, set(drained), dict(pinned),
+                       dict(current)) == result
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 12), st.lists(st.sampled_from(NODES), min_size=1, unique=True))
+def test_assign_vips_balances_free_vips(count, candidates):
+    result = run([vip(i) for i in range(1, count + 1)], candidates=candidates)
+    per_node = [list(result.values()).count(node) for node in candidates]
+    assert max(per_node) - min(per_node) <= 1
+
+
+# --------------------------------------------------------------------------- validation
+
+def test_validate_vips_accepts_good_config():
+    specs = [vip(1, preference="a"), vip(2, follow="10.99.0.1/24", kind="outbound"), vip(3)]
+    assert validate_vips(specs, NODES) == []
+
+
+@pytest.mark.parametrize("specs,needle", [
+    ([vip(1, preference="zz")], "preference 'zz' is not a configured node"),
+    ([vip(1, follow="10.99.0.9")], "not a configured VIP"),
+    ([vip(1, follow="10.99.0.1")], "follows itself"),
+    ([vip(1, follow="10.99.0.2"), vip(2, follow="10.99.0.3"), vip(3, follow="10.99.0.1/24")],
+     "follow cycle"),
+    ([vip(1), VipSpec("10.99.0.1/25", "eth1")], "duplicate address"),
+    ([VipSpec("10.99.0.1", "eth0")], "prefix is required"),
+    ([VipSpec("10.99.0.256/24", "eth0")], "not an IPv4 address"),
+    ([VipSpec("10.99.0.0/24", "eth0")], "network address"),
+    ([VipSpec("10.99.0.255/24", "eth0")], "broadcast address"),
+    ([vip(1, kind="listener")], "kind 'listener'"),
+    ([VipSpec("10.99.0.1/24", "")], "interface name is empty"),
+    ([VipSpec("10.99.0.1/24", "eth0:1")], "does not allow"),
+    ([VipSpec("10.99.0.1/24", "x" * 16)], "longer than 15"),
+    ([vip(1), vip(2, follow="10.99.0.1", preference="a")], "both follow and preference"),
+    ([vip(1, follow="nonsense")], "follow"),
+])
+def test_validate_vips_reports(specs, needle):
+    errors = validate_vips(specs, NODES)
+    assert any(needle in e for e in errors), errors
+    assert all("\n" not in e for e in errors)
+
+
+def test_validate_vips_reports_a_cycle_once():
+    specs = [vip(1, follow="10.99.0.2"), vip(2, follow="10.99.0.1"), vip(3, follow="10.99.0.1")]
+    errors = validate_vips(specs, NODES)
+    assert [e for e in errors if "cycle" in e] == [
+        "follow cycle: 10.99.0.1 -> 10.99.0.2 -> 10.99.0.1"]
+
+
+def has_cycle(edges: dict[int, int]) -> bool:
+    for start in edges:
+        seen, node = set(), start
+        while node in edges:
+            if node in seen:
+                return True
+            seen.add(node)
+            node = edges[node]
+    return False
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 6).flatmap(lambda n: st.tuples(
+    st.just(n), st.dictionaries(st.integers(1, n), st.integers(1, n)))))
+def test_validate_vips_finds_cycles_exactly(drawn):
+    count, edges = drawn
+    specs = [vip(i, follow=f"10.99.0.{edges[i]}" if i in edges else None)
+             for i in range(1, count + 1)]
+    errors = validate_vips(specs, NODES)
+    assert any("cycle" in e or "follows itself" in e for e in errors) == has_cycle(edges)
+    if not has_cycle(edges):
+        assert errors == []
+        run(specs)  # assignable
+    else:
+        with pytest.raises(VipError):
+            run(specs)
+
+
+# --------------------------------------------------------------------------- owner state machine
+
+ALL_PAIRS = list(itertools.product(State, Event))
+
+
+def test_every_state_event_pair_is_defined_exactly_once():
+    applied, ignored, invalid = set(TRANSITIONS), set(IGNORED), set(INVALID)
+    assert applied | ignored | invalid == set(ALL_PAIRS)
+    assert not applied & ignored and not applied & invalid and not ignored & invalid
+    for state, event in ALL_PAIRS:
+        result = step(state, event)
+        assert isinstance(result.state, State)
+        assert all(isinstance(a, Action) for a in result.actions)
+        if result.outcome is not Outcome.APPLIED:
+            assert result.state is state and result.actions == ()
+
+
+# (state, event) -> (outcome, next state, actions)
+FSM_CASES = [
+    (State.RELEASED, Event.LEASE_GRANTED, Outcome.APPLIED, State.ACQUIRING, [Action.PLUMB]),
+    (State.ACQUIRING, Event.PLUMB_DONE, Outcome.APPLIED, State.OWNED,
+     [Action.GARP_BURST, Action.SCHEDULE_GARP_REPEAT, Action.REPORT_OWNED]),
+    (State.OWNED, Event.OTHER_OWNER_SEEN, Outcome.APPLIED, State.OWNED,
+     [Action.ALARM_TWO_OWNERS, Action.GARP_BURST]),
+    (State.ACQUIRING, Event.OTHER_OWNER_SEEN, Outcome.APPLIED, State.ACQUIRING,
+     [Action.ALARM_TWO_OWNERS]),
+    (State.OWNED, Event.QUORUM_LOST, Outcome.APPLIED, State.FENCED,
+     [Action.CANCEL_GARP_REPEAT, Action.UNPLUMB]),
+    (State.ACQUIRING, Event.QUORUM_LOST, Outcome.APPLIED, State.FENCED, [Action.UNPLUMB]),
+    (State.OWNED, Event.LEASE_EXPIRED, Outcome.APPLIED, State.RELEASING,
+     [Action.CANCEL_GARP_REPEAT, Action.UNPLUMB]),
+    (State.OWNED, Event.RELEASE_ORDERED, Outcome.APPLIED, State.RELEASING,
+     [Action.CANCEL_GARP_REPEAT, Action.UNPLUMB]),
+    (State.OWNED, Event.LEASE_RENEWED, Outcome.APPLIED, State.OWNED, []),
+    (State.OWNED, Event.FOUND_MISSING, Outcome.APPLIED, State.ACQUIRING,
+     [Action.CANCEL_GARP_REPEAT, Action.PLUMB]),
+    (State.RELEASING, Event.UNPLUMB_DONE, Outcome.APPLIED, State.RELEASED, [Action.REPORT_RELEASED]),
+    (State.RELEASED, Event.FOUND_PLUMBED_UNEXPECTEDLY, Outcome.APPLIED, State.RELEASING,
+     [Action.UNPLUMB]),
+    (State.FENCED, Event.FOUND_PLUMBED_UNEXPECTEDLY, Outcome.APPLIED, State.FENCED, [Action.UNPLUMB]),
+    (State.RELEASED, Event.PLUMB_DONE, Outcome.APPLIED, State.RELEASING, [Action.UNPLUMB]),
+    (State.RELEASED, Event.RELEASE_ORDERED, Outcome.APPLIED, State.RELEASED,
+     [Action.REPORT_RELEASED]),
+    (State.FENCED, Event.QUORUM_REGAINED, Outcome.APPLIED, State.RELEASING, [Action.UNPLUMB]),
+    (State.ACQUIRING, Event.PLUMB_FAILED, Outcome.APPLIED, State.RELEASING,
+     [Action.ALARM_PLUMB_FAILED, Action.UNPLUMB]),
+    (State.RELEASING, Event.UNPLUMB_FAILED, Outcome.APPLIED, State.RELEASING,
+     [Action.ALARM_UNPLUMB_FAILED]),
+    (State.RELEASING, Event.FOUND_PLUMBED_UNEXPECTEDLY, Outcome.APPLIED, State.RELEASING,
+     [Action.UNPLUMB]),
+    (State.RELEASING, Event.FOUND_MISSING, Outcome.APPLIED, State.RELEASED,
+     [Action.REPORT_RELEASED]),
+    (State.FENCED, Event.UNPLUMB_FAILED, Outcome.APPLIED, State.FENCED,
+     [Action.ALARM_UNPLUMB_FAILED]),
+    (State.FENCED, Event.LEASE_GRANTED, Outcome.IGNORED, State.FENCED, []),
+    (State.RELEASING, Event.LEASE_GRANTED, Outcome.IGNORED, State.RELEASING, []),
+    (State.ACQUIRING, Event.LEASE_GRANTED, Outcome.IGNORED, State.ACQUIRING, []),
+    (State.OWNED, Event.FOUND_PLUMBED_UNEXPECTEDLY, Outcome.IGNORED, State.OWNED, []),
+    (State.RELEASED, Event.FOUND_MISSING, Outcome.IGNORED, State.RELEASED, []),
+    (State.OWNED, Event.UNPLUMB_DONE, Outcome.INVALID, State.OWNED, []),
+    (State.RELEASING, Event.PLUMB_DONE, Outcome.INVALID, State.RELEASING, []),
+]
+
+
+@pytest.mark.parametrize("state,event,outcome,next_state,actions", FSM_CASES,
+                         ids=[f"{c[0].name}+{c[1].name}" for c in FSM_CASES])
+def test_fsm_table(state, event, outcome, next_state, actions):
+    fsm = VipOwnerFSM("10.99.0.100", state)
+    assert fsm.handle(event) == actions
+    assert fsm.state is next_state
+    assert fsm.last_outcome is outcome
+    assert fsm.invalid_events == (1 if outcome is Outcome.INVALID else 0)
+
+
+def test_fsm_never_holds_without_a_lease_or_with_lost_quorum():
+    for (state, event), (nxt, actions) in TRANSITIONS.items():
+        if event in (Event.QUORUM_LOST, Event.LEASE_EXPIRED, Event.RELEASE_ORDERED):
+            assert nxt not in (State.OWNED, State.ACQUIRING), (state, event)
+            assert Action.PLUMB not in actions
+        if Action.PLUMB in actions:
+            assert state in (State.RELEASED, State.OWNED) and nxt is State.ACQUIRING
+        if nxt is State.OWNED:
+            assert state in (State.ACQUIRING, State.OWNED)
+
+
+def test_fsm_acquire_and_graceful_release():
+    fsm = VipOwnerFSM("10.99.0.100")
+    assert fsm.state is State.RELEASED and not fsm.holds
+    assert fsm.handle(Event.LEASE_GRANTED) == [Action.PLUMB]
+    assert fsm.handle(Event.PLUMB_DONE)[0] is Action.GARP_BURST
+    assert fsm.holds and fsm.state is State.OWNED
+    assert fsm.handle(Event.RELEASE_ORDERED) == [Action.CANCEL_GARP_REPEAT, Action.UNPLUMB]
+    assert not fsm.holds
+    assert fsm.handle(Event.UNPLUMB_DONE) == [Action.REPORT_RELEASED]
+    assert fsm.state is State.RELEASED
+
+
+def test_fsm_rejects_non_events_with_vip_error():
+    with pytest.raises(VipError):
+        VipOwnerFSM("x").handle("lease_granted")
+    with pytest.raises(VipError):
+        VipOwnerFSM("x", state="owned")
+    with pytest.raises(VipError):
+        step("owned", Event.PLUMB_DONE)
+
+
+def test_fsm_completion_counts_only_for_the_last_operation():
+    """Regression: fence, regain, re-grant and expire queue UNPLUMB, PLUMB, UNPLUMB; the first
+    UNPLUMB_DONE must not report the VIP released while a PLUMB is still to run."""
+    fsm = VipOwnerFSM("10.99.0.100")
+    fsm.handle(Event.LEASE_GRANTED)  # PLUMB
+    fsm.handle(Event.QUORUM_LOST)  # UNPLUMB
+    fsm.handle(Event.QUORUM_REGAINED)  # UNPLUMB again
+    assert fsm.pending_io == 3
+    assert fsm.handle(Event.PLUMB_DONE) == [] and fsm.last_outcome is Outcome.IGNORED
+    assert fsm.handle(Event.UNPLUMB_DONE) == [] and fsm.last_outcome is Outcome.IGNORED
+    assert fsm.handle(Event.UNPLUMB_DONE) == [Action.REPORT_RELEASED]
+    assert fsm.handle(Event.LEASE_GRANTED) == [Action.PLUMB]
+    assert fsm.handle(Event.LEASE_EXPIRED) == [Action.UNPLUMB]
+    assert fsm.handle(Event.PLUMB_DONE) == [] and fsm.state is State.RELEASING
+    assert fsm.handle(Event.UNPLUMB_DONE) == [Action.REPORT_RELEASED]
+    assert fsm.pending_io == 0 and fsm.invalid_events == 0
+
+
+def test_fsm_ignores_observations_while_io_is_in_flight():
+    fsm = VipOwnerFSM("10.99.0.100")
+    fsm.handle(Event.LEASE_GRANTED)
+    fsm.handle(Event.PLUMB_DONE)
+    fsm.handle(Event.RELEASE_ORDERED)  # UNPLUMB in flight
+    assert fsm.handle(Event.FOUND_MISSING) == [] and fsm.last_outcome is Outcome.IGNORED
+    assert fsm.state is State.RELEASING
+    assert fsm.handle(Event.UNPLUMB_FAILED) == [Action.ALARM_UNPLUMB_FAILED]
+    assert fsm.handle(Event.FOUND_PLUMBED_UNEXPECTEDLY) == [Action.UNPLUMB]  # retried
+
+
+PROTOCOL_EVENTS = [Event.LEASE_GRANTED, Event.LEASE_RENEWED, Event.LEASE_EXPIRED,
+                   Event.RELEASE_ORDERED, Event.QUORUM_LOST, Event.QUORUM_REGAINED,
+                   Event.OTHER_OWNER_SEEN]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(PROTOCOL_EVENTS + ["complete", "complete", "fail", "reconcile"]),
+                max_size=50))
+def test_fsm_with_serialised_io_never_leaves_an_unowned_address_plumbed(moves):
+    """Model the caller's contract (actions in order, one VIP's I/O serialised, one completion
+    per operation, reconciliation reporting what it sees) and check: a state that does not claim
+    the VIP always has an UNPLUMB as its last queued operation or nothing plumbed (a failed
+    UNPLUMB waits for reconciliation); releases and ownership are reported only when true; no
+    event is ever invalid; and once I/O drains, the address is plumbed exactly when OWNED."""
+    fsm = VipOwnerFSM("10.99.0.100")
+    plumbed = False
+    queue: list[Action] = []
+    unplumb_failed = False
+
+    def feed(event):
+        for action in fsm.handle(event):
+            if action in (Action.PLUMB, Action.UNPLUMB):
+                queue.append(action)
+            if action is Action.REPORT_RELEASED:
+                assert not plumbed and Action.PLUMB not in queue
+            if action is Action.REPORT_OWNED:
+                assert plumbed and not queue
+        assert fsm.last_outcome is not Outcome.INVALID, (fsm.state, event)
+        assert fsm.pending_io == len(queue)
+
+    def complete(ok):
+        nonlocal plumbed, unplumb_failed
+        op = queue.pop(0)
+        if ok:
+            plumbed = op is Action.PLUMB
+        unplumb_failed = not ok and op is Action.UNPLUMB
+        done = Event.PLUMB_DONE if op is Action.PLUMB else Event.UNPLUMB_DONE
+        failed = Event.PLUMB_FAILED if op is Action.PLUMB else Event.UNPLUMB_FAILED
+        feed(done if ok else failed)
+
+    def reconcile():
+        feed(Event.FOUND_PLUMBED_UNEXPECTEDLY if plumbed else Event.FOUND_MISSING)
+
+    for move in moves:
+        if move in ("complete", "fail"):
+            if queue:
+                complete(move == "complete")
+        elif move == "reconcile":
+            reconcile()
+        else:
+            feed(move)
+        if not fsm.holds:
+            assert ((queue and queue[-1] is Action.UNPLUMB)
+                    or (not queue and (not plumbed or unplumb_failed)))
+    for _ in range(20):  # let I/O succeed and reconciliation run until nothing changes
+        while queue:
+            complete(True)
+        reconcile()
+    assert not queue
+    assert plumbed == (fsm.state is State.OWNED)
+    assert fsm.state in (State.RELEASED, State.OWNED, State.FENCED)
+
+
+# --------------------------------------------------------------------------- leases
+
+def test_lease_valid_is_measured_from_before_the_request():
+    assert lease_valid(100.0, 2.0, 101.999)
+    assert not lease_valid(100.0, 2.0, 102.0)
+    assert lease_valid(100.0, 2.0, 100.0)
+    assert lease_remaining(100.0, 2.0, 101.5) == pytest.approx(0.5)
+    assert lease_remaining(100.0, 2.0, 150.0) == 0.0
+    # a drift allowance on the holder's side only ever shortens the lease
+    assert lease_remaining(0.0, 10.0, 0.0, drift_ppm=1000) == pytest.approx(9.99)
+    assert not lease_valid(0.0, 10.0, 9.995, drift_ppm=1000)
+
+
+def test_handover_wait_formula():
+    assert handover_wait(2.0, 500, 0.1) == pytest.approx(2.0 * 1.0005 + 0.1)
+    assert handover_wait(1.0) == pytest.approx(1.0 + DEFAULT_MAX_DRIFT_PPM / 1e6)
+    assert handover_wait(0.0, 0, 0) == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0.01, 100), st.floats(0, 2000), st.floats(0.001, 1), st.floats(0, 1e6))
+def test_handover_outlasts_any_holder_lease(duration, ppm, margin, start):
+    """When the hander-on's clock advances up to (1 + ppm) times as much as the holder's, the
+    holder's lease has run out by the time the hand-over wait is over."""
+    wait = handover_wait(duration, ppm, margin)
+    holder_elapsed = wait / (1 + ppm / 1e6)  # the slowest holder clock over the same span
+    assert not lease_valid(start, duration, start + holder_elapsed)
+    # and without a margin it ends exactly then (up to rounding)
+    exact = handover_wait(duration, ppm, 0.0) / (1 + ppm / 1e6)
+    assert lease_remaining(start, duration, start + exact) <= 1e-9 * max(1.0, start)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: lease_valid(10.0, 1.0, 9.0),
+    lambda: lease_valid(0.0, -1.0, 0.0),
+    lambda: lease_valid(0.0, float("nan"), 0.0),
+    lambda: lease_valid(0.0, 1.0, 0.5, drift_ppm=1e6),
+    lambda: handover_wait(-1.0),
+    lambda: handover_wait(1.0, margin=float("inf")),
+    lambda: handover_wait("2"),
+])
+def test_lease_helpers_reject_bad_input(call):
+    with pytest.raises(VipError):
+        call()

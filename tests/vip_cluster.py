@@ -1,0 +1,225 @@
+"""A whole ecluster running in the namespace lab: members under supervisord, whoami
+listeners on every node, a probing client. Used by the VIP tests and bench/failover.
+
+Lab members 1..N are the nodes n1..nN, then the managers m1..mM. Every member runs
+``ecluster node run`` / ``ecluster manager run`` inside its own namespace; the test
+process talks to members over their ipc sockets (files are shared across namespaces),
+so it needs no route into the lab.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from lab import Lab, WHOAMI_SCRIPT, PROBE_SCRIPT, _kill_everything_in  # noqa: E402
+from probe_analysis import analyze, parse_lines  # noqa: E402
+
+PYTHON = sys.executable
+WHOAMI_PORT = 2525
+
+
+def wait_for(cond, timeout: float, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            v = cond()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - not yet
+            last = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s" + (f" (last error {last!r})" if last else ""))
+        time.sleep(interval)
+
+
+class LabCluster:
+    """Build with ``LabCluster(n_nodes, n_managers, preset, vips)`` then ``start()``; ``close()`` always."""
+
+    def __init__(self, n_nodes: int = 3, n_managers: int = 1, preset: str = "lan",
+                 vips: list[dict] | None = None, subnet: str = "10.99.0"):
+        self.n_nodes, self.n_managers = n_nodes, n_managers
+        self.names = [f"n{i}" for i in range(1, n_nodes + 1)] + [f"m{i}" for i in range(1, n_managers + 1)]
+        self.lab = Lab(len(self.names), subnet=subnet)
+        self.vips = vips or [{"address": f"{subnet}.100/24", "preference": "n1"}]
+        self.preset = preset
+        self.root = Path(tempfile.mkdtemp(prefix="eclv", dir="/tmp"))
+        self.member_procs: dict[str, subprocess.Popen] = {}
+        self.cluster = None
+
+    # -- set-up -----------------------------------------------------------------------
+    def index(self, name: str) -> int:
+        return self.names.index(name) + 1
+
+    def ns(self, name: str) -> str:
+        return self.lab.member_ns(self.index(name))
+
+    def vip_ip(self, k: int = 0) -> str:
+        return self.vips[k]["address"].split("/")[0]
+
+    def write_cluster(self) -> Path:
+        from bus import keys as keymod
+        from ecluster.clusterfile import load_cluster
+        lines = ["[cluster]", 'name = "lab"', 'keys = "keys"', f'preset = "{self.preset}"', ""]
+        for name in self.names:
+            table = "nodes" if name.startswith("n") else "managers"
+            lines += [f"[{table}.{name}]", f'address = "{self.lab.member_address(self.index(name))}"',
+                      f'data_dir = "{self.root / name}"', ""]
+        for v in self.vips:
+            lines.append("[[vip]]")
+            lines.append(f'address = "{v["address"]}"')
+            lines.append('interface = "eth0"')
+            for k in ("preference", "follow", "kind"):
+                if v.get(k):
+                    lines.append(f'{k} = "{v[k]}"')
+            lines.append("")
+        path = self.root / "cluster.toml"
+        path.write_text("\n".join(lines))
+        for n in [*self.names, keymod.ADMIN]:
+            keymod.create(self.root / "keys", n)
+        self.cluster = load_cluster(path)
+        self.path = path
+        return path
+
+    def start(self) -> "LabCluster":
+        try:
+            self.lab.up()
+            self.write_cluster()
+            for name in self.names:
+                if name.startswith("n"):
+                    self.lab.popen(self.ns(name), [PYTHON, str(WHOAMI_SCRIPT), name, str(WHOAMI_PORT)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name in self.names:
+                self.start_member(name)
+            self.wait_settled(timeout=30)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def start_member(self, name: str) -> None:
+        role = "node" if name.startswith("n") else "manager"
+        log = open(self.root / f"{name}.runner.log", "ab")
+        argv = [PYTHON, "-m", "ecluster.cli", role, "run", "--config", str(self.path), f"--{role}", name]
+        self.member_procs[name] = self.lab.popen(self.ns(name), argv, stdout=log, stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL)
+        log.close()
+
+    def kill_member(self, name: str, link_down: bool = False) -> float:
+        """kill -9 every process in the member's namespace (and down its link); returns the time."""
+        t = time.time()
+        _kill_everything_in([self.ns(name)])
+        if link_down:
+            self.lab.link_down(self.index(name))
+        p = self.member_procs.pop(name, None)
+        if p is not None:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        return t
+
+    def revive_member(self, name: str) -> float:
+        self.lab.link_up(self.index(name))
+        t = time.time()
+        if name.startswith("n") and not any(
+                "whoami" in " ".join(p.args) for p in self.lab.processes(self.ns(name)) if p.poll() is None):
+            self.lab.popen(self.ns(name), [PYTHON, str(WHOAMI_SCRIPT), name, str(WHOAMI_PORT)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.start_member(name)
+        return t
+
+    def close(self) -> None:
+        try:
+            self.lab.down()
+        finally:
+            if os.environ.get("ECL_KEEP"):
+                print(f"kept {self.root}")
+            else:
+                shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- asking the cluster -------------------------------------------------------------
+    def call(self, via: str, service: str, method: str, timeout: float = 1.0, target: str | None = None, **args):
+        from bus.client import SyncClient
+        with SyncClient(self.cluster, via=via) as c:
+            return c.call(target or via, service, method, timeout=timeout, **args)
+
+    def live(self) -> list[str]:
+        return [n for n in self.names if n in self.member_procs]
+
+    def election_status(self, via: str | None = None) -> dict:
+        last = None
+        for name in ([via] if via else self.live()):
+            try:
+                return self.call(name, "election", "status", timeout=0.5)
+            except Exception as e:  # noqa: BLE001
+                last = e
+        raise AssertionError(f"no election status: {last}")
+
+    def leader_status(self) -> dict:
+        """The election status of the current coordinator (polls until there is exactly one)."""
+        def one():
+            leaders = []
+            for name in self.live():
+                try:
+                    st = self.call(name, "election", "status", timeout=0.5)
+                except Exception:  # noqa: BLE001
+                    continue
+                if st["role"] == "leader":
+                    leaders.append(st)
+            return leaders[0] if len(leaders) == 1 else None
+        return wait_for(one, 15, what="a single coordinator")
+
+    def vip_rows(self) -> list[dict]:
+        return self.leader_status()["vips"]
+
+    def holders(self) -> dict[str, list[str]]:
+        """Who has each VIP plumbed, read from the namespaces (the ground truth)."""
+        out = {}
+        for v in self.vips:
+            ip = v["address"].split("/")[0]
+            out[ip] = [n for n in self.names if n.startswith("n") and ip in self.lab.addresses(self.index(n))]
+        return out
+
+    def wait_settled(self, timeout: float = 20, expect: dict[str, str] | None = None) -> dict:
+        """Until every VIP is owned (by ``expect[ip]`` when given) with one holder."""
+        def ok():
+            rows = self.vip_rows()
+            if not all(r["state"] == "owned" for r in rows):
+                return None
+            if expect:
+                for r in rows:
+                    ip = r["address"].split("/")[0]
+                    if ip in expect and r["owner"] != expect[ip]:
+                        return None
+            h = self.holders()
+            for r in rows:
+                if h[r["address"].split("/")[0]] != [r["owner"]]:
+                    return None
+            return rows
+        return wait_for(ok, timeout, interval=0.05, what=f"VIPs settled {expect or ''}")
+
+    # -- the client's view ----------------------------------------------------------------
+    def start_probe(self, duration: float, vip: str | None = None, interval: float = 0.005) -> subprocess.Popen:
+        return self.lab.popen(self.lab.client_ns, [PYTHON, str(PROBE_SCRIPT), vip or self.vip_ip(), str(WHOAMI_PORT),
+                                                   str(duration), str(interval)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    @staticmethod
+    def probe_result(p: subprocess.Popen, timeout: float = 60):
+        out, _ = p.communicate(timeout=timeout)
+        return analyze(parse_lines(out.decode()))
+
+    def ask_vip(self, vip: str | None = None) -> str | None:
+        return self.lab.ask(self.lab.client_ns, vip or self.vip_ip(), WHOAMI_PORT, timeout=0.3)
