@@ -79,6 +79,7 @@ class ElectionService(Service):
                                  "pinned": {}, "candidates": [], "settled": time.time()}
         self.promises: dict[str, tuple[str, float]] = {}    # vip -> (holder, expires monotonic)
         self.grant_after = 0.0
+        self.successors: dict[str, tuple[str, float]] = {}  # vip -> (next holder, expires)
         self.drained: set[str] = set()
         self.pinned: dict[str, str] = {}
         self.seq = 0
@@ -311,8 +312,28 @@ class ElectionService(Service):
         await self.publish("election.assignment", a)
 
     # -- lease votes ----------------------------------------------------------------
+    def _current(self, vip: str, now: float) -> tuple[str, float] | None:
+        """The unexpired promise of ``vip``; an expired one gives way to its successor."""
+        cur = self.promises.get(vip)
+        if cur is not None and cur[1] <= now:
+            cur = None
+            del self.promises[vip]
+        if cur is None:
+            nxt = self.successors.pop(vip, None)
+            if nxt is not None and nxt[1] > now:
+                cur = self.promises[vip] = nxt
+        return cur
+
     def rpc_promise(self, holder: str, vips: list) -> dict:
-        """Promise each VIP in ``vips`` to ``holder`` if we safely can. Never blocks."""
+        """Promise each VIP in ``vips`` to ``holder`` if we safely can. Never blocks.
+
+        Results per VIP: ``{"granted": True}``; ``{"granted": True, "after": H}`` — a
+        *successor* promise, valid only once the current holder H has handed the address
+        over (the asker must get that confirmation from H itself, see vip.handover); or
+        ``{"granted": False, "retry_after": seconds|None, "reason": ...}``.
+        A VIP has at most one promise and one successor promise at a voter: nobody else
+        is promised anything until both have run out or been released.
+        """
         if holder not in self.cluster.nodes or not isinstance(vips, list):
             raise ServiceError("promise needs a node name and a list of VIPs", "bad_arguments")
         now = time.monotonic()
@@ -328,16 +349,35 @@ class ElectionService(Service):
             if owners.get(vip) != holder:
                 out[vip] = {"granted": False, "retry_after": None, "reason": f"assigned to {owners.get(vip)}"}
                 continue
-            cur = self.promises.get(vip)
-            if cur is not None and cur[0] != holder and cur[1] > now:
-                out[vip] = {"granted": False, "retry_after": cur[1] - now, "reason": f"promised to {cur[0]}"}
-                continue
-            self.promises[vip] = (holder, now + self.promise_for)
-            out[vip] = {"granted": True}
+            cur = self._current(vip, now)
+            nxt = self.successors.get(vip)
+            if nxt is not None and nxt[1] <= now:
+                del self.successors[vip]
+                nxt = None
+            if cur is None:
+                self.promises[vip] = (holder, now + self.promise_for)
+                out[vip] = {"granted": True}
+            elif cur[0] == holder:
+                if nxt is not None:
+                    # It is being handed on: the holder may already have confirmed the
+                    # handover to the successor, so it must not renew its way back in.
+                    out[vip] = {"granted": False, "retry_after": nxt[1] - now,
+                                "reason": f"being handed over to {nxt[0]}"}
+                else:
+                    self.promises[vip] = (holder, now + self.promise_for)
+                    out[vip] = {"granted": True}
+            elif nxt is None or nxt[0] == holder:
+                self.successors[vip] = (holder, now + self.promise_for)
+                out[vip] = {"granted": True, "after": cur[0]}
+            else:
+                out[vip] = {"granted": False, "retry_after": min(cur[1], nxt[1]) - now,
+                            "reason": f"promised to {cur[0]}, then {nxt[0]}"}
         return {"voter": self.member.name, "term": self.term, "results": out}
 
     def rpc_release(self, holder: str, vips: list) -> dict:
+        """``holder`` has unplumbed ``vips``: drop its promises; a successor's becomes current."""
         released = []
+        now = time.monotonic()
         for raw in vips if isinstance(vips, list) else []:
             if not isinstance(raw, str):
                 continue
@@ -346,6 +386,10 @@ class ElectionService(Service):
             if cur is not None and cur[0] == holder:
                 del self.promises[vip]
                 released.append(vip)
+                self._current(vip, now)
+            nxt = self.successors.get(vip)
+            if nxt is not None and nxt[0] == holder:
+                del self.successors[vip]
         return {"released": released}
 
     # -- administration ---------------------------------------------------------------
@@ -418,6 +462,7 @@ class ElectionService(Service):
             "assignment": self.assignment, "view": self.view,
             "vips": self.vip_table(now),
             "promises": {v: {"holder": h, "expires_in": round(e - now, 3)} for v, (h, e) in self.promises.items()},
+            "successors": {v: {"holder": h, "expires_in": round(e - now, 3)} for v, (h, e) in self.successors.items()},
         }
 
     def vip_table(self, now: float) -> list[dict]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import socket
 import time
 from typing import Any
 
@@ -75,7 +76,11 @@ class VipService(Service):
         type(self).tick_interval = t.probe_interval
         self.specs = {vip_key(v.address): v for v in cluster.vips}
         self.fsm = {k: VipOwnerFSM(k) for k in self.specs}
-        self.promises: dict[str, dict[str, float]] = {k: {} for k in self.specs}
+        # vip -> voter -> (expiry on our clock, previous holder it is conditional on, or None)
+        self.promises: dict[str, dict[str, tuple[float, str | None]]] = {k: {} for k in self.specs}
+        self.confirmed: dict[str, set[str]] = {k: set() for k in self.specs}   # handovers confirmed
+        self.epoch: dict[str, int] = {k: 0 for k in self.specs}               # bumps when we start wanting
+        self.handover_in_flight: set[tuple[str, str]] = set()
         self.assignment: dict = {"term": -1, "seq": -1, "owners": {}}
         self.in_flight: set[str] = set()
         self.timers: dict[str, asyncio.TimerHandle] = {}
@@ -86,6 +91,8 @@ class VipService(Service):
         self.counters = {"acquired": 0, "released": 0, "expired": 0, "garp": 0, "alarms": 0, "plumb_errors": 0}
         self.acquired_at: dict[str, float] = {}
         self.refreshed: dict[str, float] = {}
+        self._garp_cache: dict[str, tuple] = {}
+        self.unplumbed: dict[str, asyncio.Event] = {}
         # The kernel deletes the address this long after our last refresh if we all die
         # (kill -9 of the whole node): whole seconds, at least 2 so one late refresh is harmless.
         self.kernel_lifetime = max(2, math.ceil(2 * t.lease))
@@ -168,6 +175,11 @@ class VipService(Service):
                 released.append(key)
             if key not in after:
                 self.promises[key].clear()
+                self.confirmed[key].clear()
+                self.epoch[key] += 1
+            elif key not in before:
+                self.confirmed[key].clear()
+                self.epoch[key] += 1
         if released or lost:
             await self._release_everywhere(released or lost)
         gained = [k for k in after - before if not self.fsm[k].holds]
@@ -204,17 +216,59 @@ class VipService(Service):
             self.in_flight.discard(voter)
         results = r.get("results", {}) if isinstance(r, dict) else {}
         for key, res in results.items():
-            if key not in self.specs or not isinstance(res, dict):
+            if key not in self.specs or not isinstance(res, dict) or key not in self.mine():
                 continue
             if res.get("granted"):
-                self.promises[key][voter] = t_req + self.timing.lease
+                after = res.get("after") if isinstance(res.get("after"), str) else None
+                self.promises[key][voter] = (t_req + self.timing.lease, after)
+                if after is not None and after not in self.confirmed[key]:
+                    self._ask_handover(key, after)
             else:
                 self.promises[key].pop(voter, None)
             self._evaluate(key)
 
+    # -- handover: a successor promise counts once the previous holder confirms ----------
+    def _ask_handover(self, key: str, holder: str) -> None:
+        if (key, holder) in self.handover_in_flight:
+            return
+        self.handover_in_flight.add((key, holder))
+        self.loop.create_task(self._handover(key, holder, self.epoch[key]))
+
+    async def _handover(self, key: str, holder: str, epoch: int) -> None:
+        try:
+            r = await self.call(holder, "vip", "handover", timeout=1.0, vip=key, to=self.member.name)
+        except BusError:
+            r = None
+        finally:
+            self.handover_in_flight.discard((key, holder))
+        # only for the wanting-epoch we asked in: a confirmation from an earlier move is stale
+        if isinstance(r, dict) and r.get("released") is True and self.epoch[key] == epoch and key in self.mine():
+            self.confirmed[key].add(holder)
+            self._evaluate(key)
+
+    async def rpc_handover(self, vip: str, to: str) -> dict:
+        """Answer once ``vip`` is not plumbed here (at most 0.9 s): the asker's successor
+        promises then count. We can never get it back while those promises last."""
+        key = vip_key(vip) if isinstance(vip, str) else ""
+        if key not in self.specs:
+            return {"released": False, "reason": "unknown VIP"}
+        deadline = time.monotonic() + 0.9
+        while self.fsm[key].state not in (State.RELEASED, State.FENCED) or self.fsm[key].pending_io:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return {"released": False, "reason": "still held"}
+            ev = self.unplumbed.setdefault(key, asyncio.Event())
+            try:
+                await asyncio.wait_for(ev.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        return {"released": True, "vip": key}
+
     def _quorum_until(self, key: str) -> float:
         """Monotonic instant until which a majority of promises is valid (0: none now)."""
-        exps = sorted(self.promises[key].values(), reverse=True)
+        confirmed = self.confirmed[key]
+        exps = sorted((exp for exp, after in self.promises[key].values() if after is None or after in confirmed),
+                      reverse=True)
         q = self.cluster.quorum
         if len(exps) < q:
             return 0.0
@@ -285,9 +339,12 @@ class VipService(Service):
                 self.log.error("cannot unplumb %s on %s: %s", spec.address, spec.interface, e)
                 self._drive(key, Event.UNPLUMB_FAILED)
                 return
-            self.log.info("%s: unplumbed", spec.address)
             self.counters["released"] += 1
             self._drive(key, Event.UNPLUMB_DONE)
+            ev = self.unplumbed.pop(key, None)
+            if ev is not None:
+                ev.set()          # wake handover answers at once
+            self.log.info("%s: unplumbed", spec.address)
         elif action is Action.GARP_BURST:
             self._garp(key)
         elif action is Action.SCHEDULE_GARP_REPEAT:
@@ -309,15 +366,37 @@ class VipService(Service):
                                              vip=key))
 
     def _garp(self, key: str) -> None:
+        """Announce ``key`` now: three (request, reply) pairs, frames built once per VIP.
+
+        The packet socket and the interface MAC are kept, so an announcement costs a few
+        microseconds: during a move every millisecond before the client's ARP entry points
+        here is a millisecond of lost connection attempts.
+        """
         if getattr(self.plumber, "dry_run", False):
             return
         spec = self.specs[key]
-        from node.netlink import send_garp
         try:
-            send_garp(spec.interface, spec.ip, count=3, interval=0.0)
+            sock, frames = self._garp_frames(spec)
+            for _ in range(3):
+                for frame in frames:
+                    sock.send(frame)
             self.counters["garp"] += 1
         except Exception as e:
+            self._garp_cache.pop(spec.interface, None)
             self.log.error("gratuitous ARP for %s failed: %s", key, e)
+
+    def _garp_frames(self, spec) -> tuple:
+        from node.netlink import build_garp_frames
+        cached = self._garp_cache.get(spec.interface)
+        if cached is None:
+            mac = self.plumber.link_mac(spec.interface)
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            sock.bind((spec.interface, 0))
+            cached = self._garp_cache[spec.interface] = (sock, mac, {})
+        sock, mac, frames = cached
+        if spec.ip not in frames:
+            frames[spec.ip] = build_garp_frames(mac, spec.ip)
+        return sock, frames[spec.ip]
 
     def _garp_repeat(self, key: str) -> None:
         self.garp_timers.pop(key, None)

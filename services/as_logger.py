@@ -1,0 +1,305 @@
+"""as_logger: audit series on every node, written window by window to the ``audit`` journal.
+
+The MTA (or a plug-in) reports events over the bus::
+
+    as_logger.add(series, address, count=1)          -> {"counted", "ignored"}
+    as_logger.add_batch(events=[[series, address, count], ...])   (count optional)
+    as_logger.status()
+
+Events are counted by :class:`node.audit.AuditLogger` (settings from the cluster file's
+``[as_logger]`` table: ``log_interval``, ``series_include``, ``series_exclude``). Every
+tick the closed windows are encoded (:func:`node.audit.encode_window`) and written, one
+record each, to the local ``jlog`` service's ``audit`` log, which the managers'
+cidr_server services consume.
+
+Never losing a closed window: a window stays in the pending queue until ``jlog.write``
+acknowledged it (a timeout is retried, so a window may reach the journal twice; the
+cidr_server counts each (node, series, window start) once). While the journal stays
+down the queue is bounded (:data:`MAX_PENDING_BYTES` / :data:`MAX_PENDING_WINDOWS`); past
+that the oldest windows are dropped, counted and alarmed, never silently.
+
+On SIGTERM the open windows are flushed and written; what cannot be written is saved to
+``<data_dir>/as_logger/state.msgpack`` and written after the restart. The state also
+remembers the end of the flushed windows: a restart within that interval counts into
+the next window, because a second window with the same start would be taken for a
+replay of the first and dropped by the cidr_server.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from bus.client import BusError
+from node.audit import (SERIES_NAME_PATTERN, AuditError, AuditLogger, Window, encode_window,
+                        parse_address)
+from services.base import Service, ServiceError
+
+JOURNAL_LOG = "audit"
+#: bound of the queue of closed windows waiting for the journal
+MAX_PENDING_BYTES = 64 << 20
+MAX_PENDING_WINDOWS = 100_000
+#: one jlog.write call carries at most this much (the journal reads in 4 MiB batches)
+WRITE_BATCH_BYTES = 2 << 20
+WRITE_BATCH_RECORDS = 1000
+WRITE_TIMEOUT = 5.0
+#: retry delays while the journal refuses or does not answer
+RETRY_MIN = 0.5
+RETRY_MAX = 10.0
+#: most events in one add_batch call
+MAX_BATCH = 200_000
+STATE_FILE = "state.msgpack"
+_SERIES_RE = re.compile(SERIES_NAME_PATTERN, re.ASCII)
+
+
+def check_event(series: Any, address: Any, count: Any = 1) -> tuple[str, str, int]:
+    """Validate one event; return it as a tuple or raise :class:`AuditError` (one line). Pure."""
+    if not isinstance(series, str) or not _SERIES_RE.fullmatch(series):
+        raise AuditError(f"invalid series name {series!r:.80}: must match {SERIES_NAME_PATTERN}")
+    if not isinstance(address, str):
+        raise AuditError(f"address must be text (IPv4 or IPv6), not {type(address).__name__}")
+    parse_address(address)  # raises AuditAddressError naming the address
+    if count.__class__ is not int or not 1 <= count <= (1 << 62):
+        raise AuditError(f"count must be a positive integer, not {count!r:.40}")
+    return series, address, count
+
+
+def check_batch(events: Any) -> list[tuple[str, str, int]]:
+    """Validate a whole batch of ``[series, address(, count)]`` items before counting any. Pure."""
+    if not isinstance(events, (list, tuple)):
+        raise AuditError(f"events must be a list of [series, address, count], not {type(events).__name__}")
+    if len(events) > MAX_BATCH:
+        raise AuditError(f"too many events in one batch ({len(events)}, at most {MAX_BATCH})")
+    out = []
+    for i, item in enumerate(events):
+        if not isinstance(item, (list, tuple)) or len(item) not in (2, 3):
+            raise AuditError(f"event {i}: expected [series, address, count], got {item!r:.80}")
+        try:
+            out.append(check_event(*item))
+        except AuditError as e:
+            raise AuditError(f"event {i}: {e}") from None
+    return out
+
+
+def next_retry(delay: float) -> float:
+    """The delay after one more failed write: doubling from RETRY_MIN up to RETRY_MAX. Pure."""
+    return RETRY_MIN if delay <= 0 else min(RETRY_MAX, delay * 2)
+
+
+def take_batch(pending: deque, max_bytes: int = WRITE_BATCH_BYTES, max_records: int = WRITE_BATCH_RECORDS) -> list:
+    """The oldest pending items ``(record, events)`` that fit one write (at least one). Pure."""
+    out, size = [], 0
+    for item in pending:
+        if out and (size + len(item[0]) > max_bytes or len(out) >= max_records):
+            break
+        out.append(item)
+        size += len(item[0])
+    return out
+
+
+class AsLoggerService(Service):
+    """Counts audit events per series and source address; journals each closed window."""
+
+    name = "as_logger"
+    roles = ("node",)
+    builtin = True
+    tick_interval = 0.5
+
+    def __init__(self, cluster, member: str):
+        super().__init__(cluster, member)
+        settings = cluster.section("as_logger")
+        self.log_interval = settings["log_interval"]
+        self.include = settings["series_include"] or None
+        self.exclude = settings["series_exclude"] or None
+        self.state_path = Path(self.data_dir) / "as_logger" / STATE_FILE
+        # events never go into a window that ended before the last graceful stop (see module doc)
+        self._resume_at = 0.0
+        self.logger = AuditLogger(self.log_interval, include=self.include, exclude=self.exclude,
+                                  clock=self._clock)
+        self.pending: deque[tuple[bytes, int]] = deque()   # (encoded window, its event total)
+        self.pending_bytes = 0
+        self.retry_at = 0.0
+        self.retry_delay = 0.0
+        self.dropping = False
+        self.saved_pending = False      # the state file holds windows not yet journalled
+        self.stats = {"events_counted": 0, "events_ignored": 0, "events_refused": 0,
+                      "windows_closed": 0, "windows_written": 0, "write_calls": 0, "write_failures": 0,
+                      "windows_dropped": 0, "events_dropped": 0}
+        self.last_write_error: str | None = None
+        self.last_write_at: float | None = None
+
+    def _clock(self) -> float:
+        now = time.time()
+        return now if now >= self._resume_at else self._resume_at
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def handle_init(self) -> None:
+        state = await self.offload(self._load_state)
+        if state:
+            self._resume_at = float(state.get("closed_until") or 0.0)
+            for record in state.get("pending") or []:
+                self._enqueue(bytes(record[0]), int(record[1]))
+            self.saved_pending = bool(self.pending)
+            self.log.info("resumed: %d pending window(s), counting from %.0f", len(self.pending), self._resume_at)
+
+    async def handle_tick(self) -> None:
+        self._queue_windows(self.logger.roll())
+        if self.pending and time.monotonic() >= self.retry_at:
+            await self._write_pending(WRITE_TIMEOUT)
+
+    async def handle_stop(self) -> None:
+        flushed = self.logger.flush()
+        self._queue_windows(flushed)
+        closed_until = max([self._resume_at, *(w.end for w in flushed)])
+        if self.pending:
+            await self._write_pending(1.0)
+        await self.offload(self._save_state, closed_until)
+
+    # -- RPC ------------------------------------------------------------------------
+    def rpc_add(self, series: str, address: str, count: int = 1) -> dict:
+        """Count ``count`` events of ``series`` from ``address`` in the current window."""
+        try:
+            event = check_event(series, address, count)
+        except AuditError as e:
+            self.stats["events_refused"] += 1
+            raise ServiceError(f"as_logger.add: {e}", "bad_event") from None
+        return self._count([event])
+
+    def rpc_add_batch(self, events: list) -> dict:
+        """Count many ``[series, address, count]`` events; a bad one refuses the whole batch."""
+        try:
+            checked = check_batch(events)
+        except AuditError as e:
+            self.stats["events_refused"] += 1
+            raise ServiceError(f"as_logger.add_batch: {e}", "bad_event") from None
+        return self._count(checked)
+
+    def rpc_status(self) -> dict:
+        """Settings, counters, open windows and the journal queue."""
+        return {"member": self.member.name, "log_interval": self.log_interval,
+                "series_include": self.include, "series_exclude": self.exclude,
+                "open_windows": self.logger.open_windows(), "pending_windows": len(self.pending),
+                "pending_bytes": self.pending_bytes, "last_write_at": self.last_write_at,
+                "last_write_error": self.last_write_error, "resume_at": self._resume_at, **self.stats}
+
+    # -- internals -------------------------------------------------------------------
+    def _count(self, events: list[tuple[str, str, int]]) -> dict:
+        logged = [e for e in events if self.logger.is_logged(e[0])]
+        try:
+            self.logger.add_batch(logged)
+        except AuditError as e:        # checked above; kept so a gap there is still one line
+            raise ServiceError(f"as_logger: {e}", "bad_event") from None
+        counted = sum(e[2] for e in logged)
+        ignored = sum(e[2] for e in events) - counted
+        self.stats["events_counted"] += counted
+        self.stats["events_ignored"] += ignored
+        return {"counted": counted, "ignored": ignored}
+
+    def _queue_windows(self, windows: list[Window]) -> None:
+        for w in windows:
+            self.stats["windows_closed"] += 1
+            self._enqueue(encode_window(w), w.total())
+
+    def _enqueue(self, record: bytes, events: int) -> None:
+        self.pending.append((record, events))
+        self.pending_bytes += len(record)
+        while len(self.pending) > 1 and (self.pending_bytes > MAX_PENDING_BYTES
+                                         or len(self.pending) > MAX_PENDING_WINDOWS):
+            old, n = self.pending.popleft()
+            self.pending_bytes -= len(old)
+            self.stats["windows_dropped"] += 1
+            self.stats["events_dropped"] += n
+            if not self.dropping:
+                self.dropping = True
+                self.log.error("audit journal unavailable too long: dropping the oldest windows")
+                self._alarm_soon("audit_windows_dropped",
+                                 f"as_logger on {self.member.name} dropped audit windows: the journal "
+                                 f"has not accepted writes ({self.last_write_error})")
+
+    def _alarm_soon(self, kind: str, message: str) -> None:
+        try:
+            asyncio.get_running_loop().create_task(self.alarm(kind, message, dropped=self.stats["windows_dropped"]))
+        except RuntimeError:
+            pass
+
+    async def _write_pending(self, timeout: float) -> None:
+        """Write queued windows, oldest first, until the queue is empty or a write fails."""
+        while self.pending:
+            batch = take_batch(self.pending)
+            self.stats["write_calls"] += 1
+            try:
+                await self.call(None, "jlog", "write", timeout=timeout, log=JOURNAL_LOG,
+                                records=[record for record, _ in batch])
+            except BusError as e:
+                self.stats["write_failures"] += 1
+                self.last_write_error = str(e)
+                self.retry_delay = next_retry(self.retry_delay)
+                self.retry_at = time.monotonic() + self.retry_delay
+                if self.retry_delay >= RETRY_MAX or self.stats["write_failures"] == 1:
+                    self.log.warning("audit journal write failed (%d windows waiting): %s", len(self.pending), e)
+                return
+            for item in batch:        # still the head unless dropped meanwhile
+                if self.pending and self.pending[0] is item:
+                    self.pending.popleft()
+                    self.pending_bytes -= len(item[0])
+            self.stats["windows_written"] += len(batch)
+            self.last_write_at = time.time()
+            self.last_write_error = None
+            self.retry_delay = 0.0
+            self.retry_at = 0.0
+            self.dropping = False
+        if self.saved_pending:
+            # the windows saved at the last stop are in the journal now: forget them
+            self.saved_pending = False
+            await self.offload(self._save_state, self._resume_at)
+
+    # -- state file (blocking: run through offload) --------------------------------------
+    def _load_state(self) -> dict | None:
+        try:
+            data = self.state_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            self.log.error("cannot read %s: %s", self.state_path, e)
+            return None
+        try:
+            state = msgpack.unpackb(data, raw=False)
+            if not isinstance(state, dict):
+                raise ValueError("not a map")
+            until = state.get("closed_until", 0)
+            if until.__class__ not in (int, float) or not math.isfinite(until):
+                raise ValueError("bad closed_until")
+            pending = state.get("pending") or []
+            if not isinstance(pending, list) or not all(
+                    isinstance(p, list) and len(p) == 2 and isinstance(p[0], bytes) and p[1].__class__ is int
+                    for p in pending):
+                raise ValueError("bad pending windows")
+            return state
+        except Exception as e:  # a damaged state file must not stop the service
+            self.log.error("ignoring damaged %s: %s", self.state_path, e)
+            return None
+
+    def _save_state(self, closed_until: float) -> None:
+        """Write what a restart needs (pending windows, end of flushed windows); remove it if nothing."""
+        if not self.pending and closed_until <= time.time():
+            try:
+                self.state_path.unlink()
+            except FileNotFoundError:
+                pass
+            return
+        data = msgpack.packb({"closed_until": closed_until,
+                              "pending": [[record, n] for record, n in self.pending]}, use_bin_type=True)
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
