@@ -520,6 +520,28 @@ def build_garp_frames(mac: str, ip: str) -> list[bytes]:
     return frames
 
 
+def build_arp_probe(mac: str, ip: str) -> bytes:
+    """An RFC 5227 ARP probe for ``ip`` from ``mac``: a broadcast request with sender IP 0.0.0.0.
+
+    A host that has ``ip`` configured answers it (Linux does, for duplicate address
+    detection), and the probe itself changes no ARP cache anywhere.
+    """
+    sha = _mac_bytes(mac)
+    tpa = socket.inet_aton(_parse(ip, None, require_prefix=False)[0])
+    frame = (_BROADCAST_MAC + sha + struct.pack("!H", ETH_P_ARP)
+             + struct.pack("!HHBBH", ARPHRD_ETHER, ETH_P_IP, 6, 4, ARPOP_REQUEST)
+             + sha + b"\x00" * 4 + b"\x00" * 6 + tpa)
+    return frame.ljust(_ETH_MIN_FRAME, b"\x00")
+
+
+def probe_answer(frame: bytes, ip: str, own_mac: str) -> str | None:
+    """The MAC of another host claiming ``ip`` in ``frame`` (an ARP reply or announcement), else None. Pure."""
+    arp = parse_arp_frame(frame)
+    if arp is None or arp.sender_ip != ip or arp.sender_mac == own_mac:
+        return None
+    return arp.sender_mac
+
+
 def parse_arp_frame(frame: bytes) -> ArpFrame | None:
     """Decode an Ethernet frame as IPv4 ARP; None when it is anything else or too short."""
     if len(frame) < 42 or struct.unpack("!H", frame[12:14])[0] != ETH_P_ARP:

@@ -134,7 +134,8 @@ class Service:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     def rpc_ping(self) -> dict:
-        return {"service": self.name, "member": self.member.name, "uptime": round(time.time() - self.started, 3)}
+        return {"service": self.name, "member": self.member.name, "pid": os.getpid(),
+                "uptime": round(time.time() - self.started, 3)}
 
     @classmethod
     def runs_on(cls, cluster: Cluster, member: str) -> bool:

@@ -197,13 +197,20 @@ class JlogService(Service):
         self._written_timer: dict[str, asyncio.TimerHandle] = {}
         self._alarms_seen: set[tuple] = set()
         self._published_broken: set[str] = set()
+        self._ready = asyncio.Event()           # set once every log was opened (or failed to)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def handle_init(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         for log in self.logs:
             await self._open(log)
+        self._ready.set()
         await self._check_alarms()
+
+    async def handle_call(self, method: str, args: dict, env) -> Any:
+        # Calls can arrive while handle_init still opens the logs: they wait for it.
+        await self._ready.wait()
+        return await super().handle_call(method, args, env)
 
     async def _open(self, log: str) -> None:
         settings = journal_settings(self.cluster.section("jlog"))

@@ -15,7 +15,7 @@ its own subscriber name. A loop that finds nothing new sleeps until the node pub
 2 s) and the other loops go on.
 
 RPC ``status()`` -> ``{"manager", "root", "logs": {node: {log: {"written_seq", "lag_records",
-"lag_bytes", "error", "records_written", "last_batch"}}}}`` (the lag is asked of the node).
+"lag_bytes", "error", "records_written", "duplicates_skipped", "last_batch"}}}}`` (the lag is asked of the node).
 Alarms: ``alarm.logagg.records_dropped`` when a node reports records this manager will never
 see (the node's disk budget dropped them), ``alarm.logagg.journal_reset`` when a node's
 journal is behind what was already aggregated, ``alarm.logagg.sink_error`` when a file
@@ -78,6 +78,7 @@ class _Lane:
         self.wake = asyncio.Event()
         self.error: str | None = None
         self.records_written = 0
+        self.duplicates_skipped = 0        # records read again after a crash, already in the files
         self.last_batch: float | None = None
         self.dropped_seen = 0
         self.node_last_seq: int | None = None
@@ -185,6 +186,7 @@ class LogAggService(Service):
                 if records:
                     written = await self.offload(sink.append, records, day_of())
                     lane.records_written += written
+                    lane.duplicates_skipped += len(records) - written
                     lane.last_batch = time.time()
                     await self.call(node, "jlog", "checkpoint", timeout=READ_TIMEOUT_S, log=log,
                                     subscriber=self.subscriber, seq=records[-1][0])
@@ -232,6 +234,7 @@ class LogAggService(Service):
                 "lag_bytes": sub["lag_bytes"] if sub else None,
                 "node_last_seq": lane.node_last_seq,
                 "records_written": lane.records_written,
+                "duplicates_skipped": lane.duplicates_skipped,
                 "last_batch": lane.last_batch,
                 "error": lane.error or node_error,
             }

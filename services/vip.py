@@ -88,11 +88,16 @@ class VipService(Service):
         self.alive: set[str] = set()
         self.guard = min(0.02, t.margin / 4)
         self.acquire_poll = max(0.01, t.probe_interval / 3)
-        self.counters = {"acquired": 0, "released": 0, "expired": 0, "garp": 0, "alarms": 0, "plumb_errors": 0}
+        self.counters = {"acquired": 0, "released": 0, "expired": 0, "garp": 0, "alarms": 0, "plumb_errors": 0,
+                         "probe_answered": 0}
         self.acquired_at: dict[str, float] = {}
         self.refreshed: dict[str, float] = {}
         self._garp_cache: dict[str, tuple] = {}
         self.unplumbed: dict[str, asyncio.Event] = {}
+        self.probing: set[str] = set()
+        self.probed_clear: dict[str, float] = {}
+        self.last_probe_alarm: dict[str, float] = {}
+        self.probe_wait = 0.015
         # The kernel deletes the address this long after our last refresh if we all die
         # (kill -9 of the whole node): whole seconds, at least 2 so one late refresh is harmless.
         self.kernel_lifetime = max(2, math.ceil(2 * t.lease))
@@ -282,6 +287,8 @@ class VipService(Service):
             return
         if until > now:
             if fsm.state == State.RELEASED:
+                if not self._probe_clear(key, now):
+                    return
                 self._drive(key, Event.LEASE_GRANTED)
             elif fsm.state in (State.OWNED, State.ACQUIRING):
                 fsm.handle(Event.LEASE_RENEWED)
@@ -303,6 +310,67 @@ class VipService(Service):
             self.plumber.add(spec.address, spec.interface, lifetime=self.kernel_lifetime)
         except Exception as e:
             self.log.error("cannot refresh %s on %s: %s", spec.address, spec.interface, e)
+
+    # -- duplicate address detection before a takeover ---------------------------------
+    def _probe_clear(self, key: str, now: float) -> bool:
+        """May we plumb ``key`` now? After a confirmed handover, yes. Otherwise the previous
+        holder may have died with the address still configured (every process of a node
+        killed, the kernel alive): ask the wire first with an RFC 5227 ARP probe, and plumb
+        only when nobody answers. Starts the probe and returns False when none is fresh."""
+        if getattr(self.plumber, "dry_run", False) or self.confirmed[key]:
+            return True
+        if now - self.probed_clear.get(key, -1.0) < 0.1:
+            return True
+        if key not in self.probing:
+            self.probing.add(key)
+            self.loop.create_task(self._probe(key))
+        return False
+
+    async def _probe(self, key: str) -> None:
+        from node.netlink import build_arp_probe, probe_answer
+        spec = self.specs[key]
+        answered = None
+        try:
+            self._garp_frames(spec)                    # fills the interface's cache entry
+            mac = self._garp_cache[spec.interface][1]
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+            try:
+                sock.bind((spec.interface, 0x0806))
+                sock.setblocking(False)
+                sock.send(build_arp_probe(mac, spec.ip))
+                deadline = time.monotonic() + self.probe_wait
+                while answered is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    try:
+                        frame = await asyncio.wait_for(self.loop.sock_recv(sock, 2048), left)
+                    except asyncio.TimeoutError:
+                        break
+                    answered = probe_answer(frame, spec.ip, mac)
+                while answered is None:      # whatever arrived while we were not scheduled
+                    try:
+                        answered = probe_answer(sock.recv(2048), spec.ip, mac)
+                    except BlockingIOError:
+                        break
+            finally:
+                sock.close()
+        except OSError as e:
+            self.log.error("ARP probe for %s failed: %s", key, e)
+            answered = None
+        finally:
+            self.probing.discard(key)
+        if answered is None:
+            self.probed_clear[key] = time.monotonic()
+            self._evaluate(key)
+            return
+        self.counters["probe_answered"] += 1
+        now = time.monotonic()
+        if now - self.last_probe_alarm.get(key, 0) > 5:
+            self.last_probe_alarm[key] = now
+            await self.alarm("address_in_use", f"VIP {key} is still answered by {answered}: not taking it over yet",
+                             vip=key, mac=answered)
+        self.loop.call_later(0.05, self._evaluate, key)
 
     def _arm_expiry(self, key: str, until: float) -> None:
         old = self.timers.pop(key, None)

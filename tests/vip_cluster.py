@@ -131,6 +131,12 @@ class LabCluster:
         return t
 
     def revive_member(self, name: str) -> float:
+        # kill -9 + link down stands for a machine dying; a machine that comes back has a fresh
+        # network configuration, so the addresses its dead processes left are gone first
+        for v in self.vips:
+            ip, prefix = v["address"].split("/")
+            if ip in self.lab.addresses(self.index(name)):
+                self.lab.del_address(self.index(name), ip, int(prefix))
         self.lab.link_up(self.index(name))
         t = time.time()
         if name.startswith("n") and not any(

@@ -1,0 +1,132 @@
+"""``ecluster vip list|move|unpin`` and ``ecluster node drain|undrain``: durable VIPs."""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from ecluster.commands.common import ConfigOpt, JsonOpt, die, load, new_app, print_json
+from ecluster.commands.node import app as node_app
+
+app = new_app("Durable VIPs: who owns each address, and moving them.")
+TIMEOUT = 1.5
+
+
+def ask_cluster(cluster, service: str, method: str, timeout: float = TIMEOUT, **args) -> Any:
+    """Call ``service.method`` on the first member that answers (tcp, admin key).
+
+    A reply that is an error (RemoteError) is the cluster's answer and is raised as is;
+    only members that do not answer at all are skipped.
+    """
+    from bus.client import CallTimeout, RemoteError, SyncClient
+    last = None
+    for name in cluster.members:
+        try:
+            with SyncClient(cluster, remote=name) as c:
+                return c.call(name, service, method, timeout=timeout, **args)
+        except RemoteError as e:
+            if e.code in ("unreachable", "no_service"):
+                last = e
+                continue
+            raise
+        except CallTimeout as e:
+            last = e
+    die(f"no member answered ({last})")
+
+
+def coordinator_status(cluster) -> dict:
+    """The coordinator's election status (or the best member's view when there is none)."""
+    st = ask_cluster(cluster, "election", "status")
+    if st.get("role") != "leader" and st.get("leader"):
+        try:
+            from bus.client import SyncClient
+            with SyncClient(cluster, remote=st["member"]) as c:
+                return c.call(st["leader"], "election", "status", timeout=TIMEOUT)
+        except Exception:  # noqa: BLE001 - fall back to what the member knows
+            return st
+    return st
+
+
+def vip_rows(st: dict) -> list[dict]:
+    """Rows for ``vip list``. Pure."""
+    return [{"address": r["address"], "kind": r["kind"], "owner": r["owner"], "state": r["state"],
+             "holders": r["holders"], "candidates": r["candidates"], "preference": r["preference"],
+             "follow": r["follow"], "pinned": r["pinned"], "settled_for": r["settled_for"]}
+            for r in st.get("vips", [])]
+
+
+@app.command("list")
+def vip_list(config: ConfigOpt = None, json_: JsonOpt = False):
+    """List every VIP: owner, candidates, state (owned/unsafe/broken/unowned), seconds settled.
+
+    Example: ecluster vip list -c cluster.toml --json
+    """
+    cluster = load(config)
+    st = coordinator_status(cluster)
+    rows = vip_rows(st)
+    if json_:
+        print_json({"coordinator": st.get("leader"), "term": st.get("term"), "vips": rows})
+        return
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"VIPs of {cluster.name} (coordinator {st.get('leader') or 'none'}, term {st.get('term')})")
+    for col in ("address", "kind", "owner", "state", "candidates", "preference", "settled (s)"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["address"], r["kind"], r["owner"] or "-", r["state"], ",".join(r["candidates"]),
+                  r["preference"] or (f"follows {r['follow']}" if r["follow"] else "-"), f"{r['settled_for']:.1f}")
+    Console().print(t)
+
+
+@app.command("move")
+def vip_move(address: Annotated[str, typer.Argument(help="The VIP, e.g. 10.99.0.100")],
+             node: Annotated[str, typer.Argument(help="The node to move it to")],
+             config: ConfigOpt = None, json_: JsonOpt = False):
+    """Move a VIP to a node (gracefully: release, then acquire) and pin it there.
+
+    Refused when the node is unknown, down or drained. Undo the pin with `vip unpin`.
+
+    Example: ecluster vip move 10.99.0.100 n2 -c cluster.toml
+    """
+    cluster = load(config)
+    if node not in cluster.nodes:
+        die(f"unknown node {node!r} (nodes: {', '.join(cluster.nodes)})")
+    r = ask_cluster(cluster, "election", "move", vip=address, node=node)
+    print_json(r) if json_ else typer.echo(f"{r['vip']} -> {r['node']} (term {r['term']})")
+
+
+@app.command("unpin")
+def vip_unpin(address: Annotated[str, typer.Argument(help="The VIP")], config: ConfigOpt = None):
+    """Forget a manual move: the VIP goes back to its normal election.
+
+    Example: ecluster vip unpin 10.99.0.100 -c cluster.toml
+    """
+    cluster = load(config)
+    r = ask_cluster(cluster, "election", "unpin", vip=address)
+    typer.echo(f"{r['vip']} unpinned")
+
+
+@node_app.command("drain")
+def node_drain(node: Annotated[str, typer.Argument(help="The node to drain")], config: ConfigOpt = None):
+    """Move every VIP off a node and keep them off until `node undrain`.
+
+    Example: ecluster node drain n2 -c cluster.toml
+    """
+    cluster = load(config)
+    r = ask_cluster(cluster, "election", "drain", node=node)
+    typer.echo(f"drained: {', '.join(r['drained']) or 'none'}")
+
+
+@node_app.command("undrain")
+def node_undrain(node: Annotated[str, typer.Argument(help="The node to undrain")], config: ConfigOpt = None):
+    """Let a drained node hold VIPs again.
+
+    Example: ecluster node undrain n2 -c cluster.toml
+    """
+    cluster = load(config)
+    r = ask_cluster(cluster, "election", "undrain", node=node)
+    typer.echo(f"drained: {', '.join(r['drained']) or 'none'}")
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="vip")
