@@ -44,6 +44,15 @@ from node.vipcore import VipSpec, assign_vips, vip_key
 from services.base import Service, ServiceError
 
 FOLLOWER, CANDIDATE, LEADER = "follower", "candidate", "leader"
+CONFIG_HEIGHT_FILE = "config.height"     # written by configsync: commits on this member's main
+
+
+def read_config_height(data_dir: Path) -> int:
+    """How many configuration commits this member holds durably (0 when none)."""
+    try:
+        return int((data_dir / CONFIG_HEIGHT_FILE).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 class ElectionService(Service):
@@ -163,7 +172,8 @@ class ElectionService(Service):
 
         async def ask(voter: str) -> bool:
             try:
-                r = await self.call(voter, "election", "vote", timeout=timeout, term=term, candidate=self.member.name)
+                r = await self.call(voter, "election", "vote", timeout=timeout, term=term,
+                                    candidate=self.member.name, config_height=read_config_height(self.data_dir))
             except BusError:
                 return False
             if isinstance(r, dict) and r.get("term", 0) > self.term:
@@ -190,12 +200,18 @@ class ElectionService(Service):
             if self.role != FOLLOWER:
                 self._become_follower(None)
 
-    def rpc_vote(self, term: int, candidate: str) -> dict:
+    def rpc_vote(self, term: int, candidate: str, config_height: int = 0) -> dict:
         now = time.monotonic()
-        if candidate not in self.voters or not isinstance(term, int):
+        if candidate not in self.voters or not isinstance(term, int) or not isinstance(config_height, int):
             raise ServiceError(f"{candidate!r} is not a voter", "bad_arguments")
         if term < self.term:
             return {"granted": False, "term": self.term, "reason": "stale term"}
+        # Raft's up-to-date rule for the configuration history: a coordinator must hold every
+        # commit a majority acknowledged, so nobody behind us gets our vote.
+        mine = read_config_height(self.data_dir)
+        if config_height < mine:
+            self._observe_term(term)
+            return {"granted": False, "term": self.term, "reason": f"config behind ({config_height} < {mine})"}
         # Stickiness: while a coordinator is heard, nobody else gets our vote.
         if (self.leader not in (None, candidate) and now - self.leader_heard < self.timing.election_timeout
                 and self.role != LEADER):
