@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)                  # not bench/: bench/bus.py would shadow the bus package
+sys.path.insert(1, str(ROOT / "tests"))
 
 
 def burn(stop_at: float) -> None:
