@@ -18,6 +18,9 @@ cidr_server counts each (node, series, window start) once). While the journal st
 down the queue is bounded (:data:`MAX_PENDING_BYTES` / :data:`MAX_PENDING_WINDOWS`); past
 that the oldest windows are dropped, counted and alarmed, never silently.
 
+A window of more than :data:`PART_ADDRESSES` addresses is written as several records
+(:func:`split_window`), because the journal takes at most 4 MiB per record.
+
 On SIGTERM the open windows are flushed and written; what cannot be written is saved to
 ``<data_dir>/as_logger/state.msgpack`` and written after the restart. The state also
 remembers the end of the flushed windows: a restart within that interval counts into
@@ -37,7 +40,7 @@ from typing import Any
 
 import msgpack
 
-from bus.client import BusError
+from bus.client import BusError, RemoteError
 from node.audit import (SERIES_NAME_PATTERN, AuditError, AuditLogger, Window, encode_window,
                         parse_address)
 from services.base import Service, ServiceError
@@ -56,6 +59,10 @@ RETRY_MAX = 10.0
 #: most events in one add_batch call
 MAX_BATCH = 200_000
 STATE_FILE = "state.msgpack"
+#: a window with more addresses is written as several records (the journal takes ≤ 4 MiB each)
+PART_ADDRESSES = 100_000
+#: part i of a split window starts this much later: its own (node, series, start) for the manager
+PART_OFFSET = 1e-3
 _SERIES_RE = re.compile(SERIES_NAME_PATTERN, re.ASCII)
 
 
@@ -86,6 +93,20 @@ def check_batch(events: Any) -> list[tuple[str, str, int]]:
         except AuditError as e:
             raise AuditError(f"event {i}: {e}") from None
     return out
+
+
+def split_window(window: Window, max_addresses: int = PART_ADDRESSES) -> list[Window]:
+    """``window`` as parts of at most ``max_addresses`` addresses each. Pure.
+
+    Part ``i`` starts ``i * PART_OFFSET`` seconds after the window (same hour, same end),
+    so the manager, which counts each (node, series, start) once, takes every part.
+    """
+    if len(window.counts) <= max_addresses:
+        return [window]
+    items = sorted(window.counts.items())
+    return [Window(window.series, window.start + i * PART_OFFSET if i else window.start, window.end,
+                   dict(items[at:at + max_addresses]))
+            for i, at in enumerate(range(0, len(items), max_addresses))]
 
 
 def next_retry(delay: float) -> float:
@@ -205,7 +226,8 @@ class AsLoggerService(Service):
     def _queue_windows(self, windows: list[Window]) -> None:
         for w in windows:
             self.stats["windows_closed"] += 1
-            self._enqueue(encode_window(w), w.total())
+            for part in split_window(w):
+                self._enqueue(encode_window(part), part.total())
 
     def _enqueue(self, record: bytes, events: int) -> None:
         self.pending.append((record, events))
@@ -237,19 +259,20 @@ class AsLoggerService(Service):
             try:
                 await self.call(None, "jlog", "write", timeout=timeout, log=JOURNAL_LOG,
                                 records=[record for record, _ in batch])
+            except RemoteError as e:
+                if e.code != "bad_records":
+                    self._write_failed(e)
+                    return
+                # refused for good (cannot happen with split windows): do not block the rest
+                self._drop_head(batch)
+                self.log.error("the journal refused %d audit window(s) for good: %s", len(batch), e)
+                self._alarm_soon("audit_windows_dropped", f"as_logger on {self.member.name}: the journal "
+                                                          f"refused {len(batch)} audit window(s): {e}")
+                continue
             except BusError as e:
-                self.stats["write_failures"] += 1
-                self.last_write_error = str(e)
-                self.retry_delay = next_retry(self.retry_delay)
-                self.retry_at = time.monotonic() + self.retry_delay
-                if self.retry_delay >= RETRY_MAX or self.stats["write_failures"] == 1:
-                    self.log.warning("audit journal write failed (%d windows waiting): %s", len(self.pending), e)
+                self._write_failed(e)
                 return
-            for item in batch:        # still the head unless dropped meanwhile
-                if self.pending and self.pending[0] is item:
-                    self.pending.popleft()
-                    self.pending_bytes -= len(item[0])
-            self.stats["windows_written"] += len(batch)
+            self._drop_head(batch, written=True)
             self.last_write_at = time.time()
             self.last_write_error = None
             self.retry_delay = 0.0
@@ -259,6 +282,26 @@ class AsLoggerService(Service):
             # the windows saved at the last stop are in the journal now: forget them
             self.saved_pending = False
             await self.offload(self._save_state, self._resume_at)
+
+    def _write_failed(self, e: BusError) -> None:
+        self.stats["write_failures"] += 1
+        self.last_write_error = str(e)
+        self.retry_delay = next_retry(self.retry_delay)
+        self.retry_at = time.monotonic() + self.retry_delay
+        if self.retry_delay >= RETRY_MAX or self.stats["write_failures"] == 1:
+            self.log.warning("audit journal write failed (%d windows waiting): %s", len(self.pending), e)
+
+    def _drop_head(self, batch: list, written: bool = False) -> None:
+        """Take ``batch`` off the head of the queue (still the head unless dropped meanwhile)."""
+        for item in batch:
+            if self.pending and self.pending[0] is item:
+                self.pending.popleft()
+                self.pending_bytes -= len(item[0])
+                if written:
+                    self.stats["windows_written"] += 1
+                else:
+                    self.stats["windows_dropped"] += 1
+                    self.stats["events_dropped"] += item[1]
 
     # -- state file (blocking: run through offload) --------------------------------------
     def _load_state(self) -> dict | None:

@@ -5,7 +5,7 @@ For each node and log (:func:`services.jlog.log_names`) one loop:
     read a batch (subscriber ``logagg-<this manager>``) from the node's jlog service
     -> write the new records to ``<root>/%Y/%m/%d/<log>/<node>`` and fsync
     -> record the highest seq written in the sink state and fsync
-    -> checkpoint that seq at the node
+    -> checkpoint that seq at the node (sent with the next read: ``jlog.read(ack=seq)``)
 
 (:mod:`manager.logsink` has the files, the state and why this is exactly once.) The root
 is ``[managers.<m>].logs_root``, default ``<data_dir>/logs``; the day is the UTC day on
@@ -28,16 +28,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bus.client import BusError
+from bus.client import BusError, CallTimeout, RemoteError
 from manager.logsink import STATE_DIR, Sink, SinkError, day_of
 from node.datadir import DirLock, LockedError
 from services.base import Service
 from services.jlog import WRITTEN_TOPIC, log_names, logagg_subscriber
 
-BATCH_RECORDS = 5000
-BATCH_BYTES = 4 << 20
+BATCH_RECORDS = 20_000
+BATCH_BYTES = 8 << 20
 READ_TIMEOUT_S = 5.0
+# After an error (and at first contact) reads wait less, doubling up to READ_TIMEOUT_S: a
+# reply sent while the node's broker link to this manager is still coming up is lost, and
+# a short first timeout turns that into a quick retry instead of a 5 s stall.
+FIRST_READ_TIMEOUT_S = 1.0
 IDLE_WAIT_S = 2.0
+TRICKLE_WAIT_S = 0.05
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 2.0
 
@@ -50,11 +55,13 @@ def check_batch(rep: Any) -> tuple[list, int, int]:
     if not isinstance(records, list) or not isinstance(last, int) or not isinstance(dropped, int):
         raise ValueError("jlog.read reply has the wrong shape")
     prev = -1
-    for r in records:
-        if not (isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and isinstance(r[1], bytes)
-                and r[0] > prev):
-            raise ValueError("jlog.read reply holds a malformed record")
-        prev = r[0]
+    try:
+        for seq, data in records:
+            if type(seq) is not int or type(data) is not bytes or seq <= prev:
+                raise ValueError
+            prev = seq
+    except (TypeError, ValueError):
+        raise ValueError("jlog.read reply holds a malformed record") from None
     return records, last, dropped
 
 
@@ -82,6 +89,7 @@ class _Lane:
         self.last_batch: float | None = None
         self.dropped_seen = 0
         self.node_last_seq: int | None = None
+        self.inflight: asyncio.Future | None = None    # the sink write in progress, if any
 
 
 class LogAggService(Service):
@@ -125,6 +133,8 @@ class LogAggService(Service):
                     await self.alarm("logagg.sink_error", f"{node}/{log}: cannot open the sink: {e}",
                                      node=node, log=log)
                     continue
+                for note in sink.notes:
+                    self.log.warning("%s/%s: %s", node, log, note)
                 if sink.recovered_bytes:
                     self.log.warning("%s/%s: cut %d uncommitted bytes from %s", node, log,
                                      sink.recovered_bytes, sink.state.path)
@@ -149,6 +159,11 @@ class LogAggService(Service):
             except (asyncio.CancelledError, Exception):
                 pass
         for lane in self.lanes.values():
+            if lane.inflight is not None:
+                try:
+                    await lane.inflight
+                except Exception:  # noqa: BLE001 - reported by the loop; closing anyway
+                    pass
             lane.sink.close()
         if self._lock is not None:
             self._lock.release()
@@ -160,14 +175,24 @@ class LogAggService(Service):
             pass
 
     async def _pump(self, node: str, log: str, lane: _Lane) -> None:
-        """Read, write, fsync, checkpoint: forever, for one node's log."""
+        """Read, write, fsync, checkpoint: forever, for one node's log.
+
+        The checkpoint of a batch rides on the next read (``ack``), which saves a round
+        trip per batch; it is sent only after the batch is durable here.
+        """
         backoff = BACKOFF_MIN_S
         sink = lane.sink
+        pending_ack: int | None = None
+        read_timeout = FIRST_READ_TIMEOUT_S
         while True:
             lane.wake.clear()        # before the read: a write after it wakes the next wait
             try:
-                rep = await self.call(node, "jlog", "read", timeout=READ_TIMEOUT_S, log=log,
-                                      subscriber=self.subscriber, max_records=BATCH_RECORDS, max_bytes=BATCH_BYTES)
+                args = {"ack": pending_ack} if pending_ack is not None else {}
+                rep = await self.call(node, "jlog", "read", timeout=read_timeout, log=log,
+                                      subscriber=self.subscriber, max_records=BATCH_RECORDS, max_bytes=BATCH_BYTES,
+                                      **args)
+                pending_ack = None
+                read_timeout = READ_TIMEOUT_S
                 records, last_seq, dropped = check_batch(rep)
                 lane.node_last_seq = last_seq
                 if dropped != lane.dropped_seen:
@@ -184,24 +209,33 @@ class LogAggService(Service):
                                      node=node, log=log)
                     await self.offload(sink.reset_seq, floor)
                 if records:
-                    written = await self.offload(sink.append, records, day_of())
+                    # shielded: a stop must not close the sink under a write in progress
+                    lane.inflight = asyncio.ensure_future(self.offload(sink.append, records, day_of()))
+                    written = await asyncio.shield(lane.inflight)
                     lane.records_written += written
                     lane.duplicates_skipped += len(records) - written
                     lane.last_batch = time.time()
-                    await self.call(node, "jlog", "checkpoint", timeout=READ_TIMEOUT_S, log=log,
-                                    subscriber=self.subscriber, seq=records[-1][0])
+                    pending_ack = records[-1][0]
                 lane.error = None
                 backoff = BACKOFF_MIN_S
-                if not records or len(records) < BATCH_RECORDS // 10:
-                    # Nothing (or little) new: wait for the node's next jlog.written, so a
-                    # trickle is taken in batches rather than one call per record.
-                    await self._wait(lane, IDLE_WAIT_S if not records else 0.05)
+                if not records:
+                    await self._wait(lane, IDLE_WAIT_S)
+                elif len(records) < BATCH_RECORDS // 20:
+                    # A trickle: give it a moment (or the node's next jlog.written) so it is
+                    # taken in batches rather than one call per record.
+                    await self._wait(lane, TRICKLE_WAIT_S)
             except asyncio.CancelledError:
                 raise
             except (BusError, ValueError, SinkError, OSError) as e:
+                if isinstance(e, RemoteError) and e.code == "bad_checkpoint":
+                    # The node refuses the ack (its journal restarted lower): read without it;
+                    # the dedup floor is then checked against what the node has.
+                    pending_ack = None
                 if isinstance(e, SinkError) and lane.error != str(e):
                     await self.alarm("logagg.sink_error", f"{node}/{log}: {e}", node=node, log=log)
                 lane.error = str(e)
+                read_timeout = (min(READ_TIMEOUT_S, read_timeout * 2) if isinstance(e, CallTimeout)
+                                else FIRST_READ_TIMEOUT_S)
                 await self._wait(lane, backoff)
                 backoff = min(BACKOFF_MAX_S, backoff * 2)
             except Exception as e:  # noqa: BLE001 - a bug must not end the loop of this lane
