@@ -714,7 +714,7 @@ class MemberRepo:
             if checkout is not None:
                 src = self._checkout_gitdir(checkout) / "index"
                 if src.exists():
-                    shutil.copyfile(src, path)
+                    shutil.copy2(src, path)     # keep the mtime: a racy-git check depends on it
             yield {"GIT_INDEX_FILE": str(path)}
 
     def _files_at(self, rev: str | None, prefixes: Iterable[str]) -> set[str]:

@@ -11,9 +11,10 @@ protocol and the argument why an acknowledged commit is never lost. In short:
   majority of the configured voters (itself included) hold it durably, then publishes
   ``config.committed {rev, term, height}``. Members apply only committed revisions.
 * Positions: each member records, durably, ``(stamp, height)`` of its ``main`` in
-  ``<data_dir>/config.height`` (``stamp`` = the coordinator term whose history ``main`` is a
-  prefix of) and the highest term it has promised in ``<data_dir>/config.promised``. A
-  member refuses a ``store`` from a term older than its promise.
+  ``<data_dir>/config.position`` (``stamp`` = the coordinator term whose history ``main`` is
+  a prefix of; the height alone also in ``config.height``, for the election) and the
+  highest term it has promised in ``<data_dir>/config.promised``. A member refuses a
+  ``store`` from a term older than its promise.
 * A new coordinator first collects the positions of a majority (each of them promises its
   term), adopts the most advanced ``main`` (highest ``(stamp, height)``), stamps it with its
   term and replicates it to a majority before it takes any proposal (Viewstamped
@@ -24,7 +25,8 @@ protocol and the argument why an acknowledged commit is never lost. In short:
 
 RPC (any member): status() · cluster_status() · commit(message, add_all, author) ·
     revert(rev, author) · bootstrap(cluster_text, author) · pull(theirs) · log(n) · diff(rev) ·
-    show(node, rev) · head() · bundle_since(base) · store(bundle, rev, term) · position(term)
+    show(node, rev) · head() · snapshot(base) · bundle_since(base) · store(bundle, rev, term) ·
+    position(term)
 RPC (coordinator): propose(bundle, rev, parent, proposer) · bootstrap_repo(cluster_text, author) ·
     outcome(rev)
 Events out: config.committed {rev, term, height} · config.applied {member, rev}
@@ -45,11 +47,12 @@ from typing import Any
 from bus.client import BusError, CallTimeout, RemoteError
 from node.configrepo import (
     BadBundle, ConfigRepoError, MemberRepo, ModifiedLocally, NotBootstrapped, NothingToCommit, OutOfDate,
-    Proposal, ValidationFailed, bundle_heads, check_node_name,
+    Proposal, ValidationFailed, check_node_name,
 )
 from services.base import Service, ServiceError
 
-HEIGHT_FILE = "config.height"
+POSITION_FILE = "config.position"      # "<height> <stamp> <head>": what this module decides by
+HEIGHT_FILE = "config.height"          # "<height>" alone: read by the election's up-to-date vote rule
 PROMISE_FILE = "config.promised"
 
 IN_SYNC, BEHIND, MODIFIED, NOT_BOOTSTRAPPED, UNREACHABLE = (
@@ -58,11 +61,14 @@ IN_SYNC, BEHIND, MODIFIED, NOT_BOOTSTRAPPED, UNREACHABLE = (
 COMMIT_TIMEOUT = 5.0        # coordinator: how long to wait for a majority of stores
 CATCH_UP_EVERY = 3.0        # member: how often to compare heads with the coordinator
 RESOLVE_TIMEOUT = 15.0      # proposer: how long to try to learn the outcome after losing the coordinator
+# errors of a propose call that prove the coordinator did not take the proposal
+UNDELIVERED = frozenset({"unreachable", "no_service", "not_coordinator", "not_ready"})
 
 
 # ----------------------------------------------------------------------------- positions on disk
 
 def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -94,7 +100,7 @@ class Position:
 
 
 def parse_position(text: str) -> Position:
-    """``"<height> <stamp> <head>"`` (the content of config.height) -> Position. Pure."""
+    """``"<height> <stamp> <head>"`` (the content of config.position) -> Position. Pure."""
     parts = text.split()
     try:
         height = int(parts[0]) if parts else 0
@@ -106,24 +112,29 @@ def parse_position(text: str) -> Position:
 
 
 def read_position(data_dir: Path | str) -> Position:
-    """The position recorded in ``<data_dir>/config.height`` (zeros when absent)."""
+    """The position recorded in ``<data_dir>/config.position`` (zeros when absent)."""
     try:
-        return parse_position(Path(data_dir, HEIGHT_FILE).read_text())
+        return parse_position(Path(data_dir, POSITION_FILE).read_text())
     except OSError:
         return Position()
 
 
 def read_height(data_dir: Path | str) -> int:
-    """The number of commits on this member's ``main`` as last recorded durably (0 when none).
+    """The number of commits on this member's ``main`` as last recorded durably
+    (``<data_dir>/config.height``, 0 when none).
 
     For the election's up-to-date rule; ``read_position(d).key`` = (stamp, height) is the
     complete order (Raft compares the last entry's term first, then the length)."""
-    return read_position(data_dir).height
+    try:
+        return max(0, int(Path(data_dir, HEIGHT_FILE).read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def write_position(data_dir: Path | str, pos: Position) -> None:
-    """Record ``pos`` in ``<data_dir>/config.height`` atomically and durably."""
-    _write_atomic(Path(data_dir, HEIGHT_FILE), f"{pos.height} {pos.stamp} {pos.head or '-'}\n")
+    """Record ``pos`` atomically and durably: config.position, then config.height."""
+    _write_atomic(Path(data_dir, POSITION_FILE), f"{pos.height} {pos.stamp} {pos.head or '-'}\n")
+    _write_atomic(Path(data_dir, HEIGHT_FILE), f"{pos.height}\n")
 
 
 def read_promised(data_dir: Path | str) -> int:
@@ -231,9 +242,10 @@ class RepoSync:
         return Position(height=self._height(head), stamp=pos.stamp, head=head), False
 
     def position(self) -> Position:
-        """The recorded position, corrected to the repository and recorded again if needed."""
+        """The recorded position, corrected to the repository and recorded again if needed
+        (also when a crash came between the two files)."""
         pos, fresh = self._current()
-        if not fresh:
+        if not fresh or read_height(self.data_dir) != pos.height:
             write_position(self.data_dir, pos)
         return pos
 
@@ -249,6 +261,22 @@ class RepoSync:
             pos = Position(height=pos.height, stamp=term, head=pos.head)
             write_position(self.data_dir, pos)
         return pos
+
+    def accept_as(self, term: int, bundle: bytes, rev: str, parent: str) -> Position:
+        """Coordinator of ``term``: take a proposal into ``main`` (MemberRepo.accept) and
+        stamp it, unless this member has promised a later term (we are deposed)."""
+        promised = read_promised(self.data_dir)
+        if promised > term:
+            raise StaleTerm(f"a coordinator of term {promised} is starting: this one (term {term}) is deposed")
+        self.repo.accept(bundle, rev, parent)
+        return self.restamp(term)
+
+    def snapshot(self, base: str | None) -> dict:
+        """``main`` from ``base`` with the position it has, read in one step (so the stamp
+        describes exactly the history in the bundle)."""
+        pos = self.position()
+        bundle = self.repo.bundle_since(base) if pos.head else b""
+        return {**pos.as_dict(), "bundle": bundle}
 
     def bundle_of_main(self, base: str | None) -> tuple[bytes, str]:
         """(bundle of ``main`` from ``base``, the head it carries)."""
@@ -372,6 +400,8 @@ class ConfigSyncService(Service):
     builtin = True
     subscriptions = ("election.assignment", "config.committed")
     tick_interval = 1.0
+    #: [services.configsync] commit_timeout: seconds the coordinator waits for a majority of stores
+    config_schema = {"commit_timeout": ((int, float), COMMIT_TIMEOUT)}
 
     def __init__(self, cluster, member):
         super().__init__(cluster, member)
@@ -398,6 +428,7 @@ class ConfigSyncService(Service):
         self.modified = False
         self._apply_event = asyncio.Event()
         self._catching_up = False
+        self._catch_up_again = False
         self._last_catch_up = 0.0
         self._bg: set[asyncio.Task] = set()
 
@@ -440,7 +471,7 @@ class ConfigSyncService(Service):
     async def handle_stop(self) -> None:
         for t in list(self._bg):
             t.cancel()
-        await self.offload(self.repo.close)
+        await self.git(self.repo.close)         # after any git work still running in a thread
 
     async def handle_tick(self) -> None:
         if self.is_coordinator():
@@ -518,33 +549,44 @@ class ConfigSyncService(Service):
 
     # -- catch-up (Clone pattern) -----------------------------------------------------
     async def _catch_up(self) -> None:
-        """Fetch what the coordinator has and we lack, then apply the committed revision."""
+        """Fetch what the coordinator has and we lack, then apply the committed revision.
+        A request while one runs makes that one go round again (it may have asked too early)."""
         if self._catching_up:
+            self._catch_up_again = True
             return
         self._catching_up = True
-        self._last_catch_up = time.monotonic()
         try:
-            coord = self.coordinator_now()
-            if coord is None or coord == self.member.name:
-                return
-            try:
-                h = await self.call(coord, "configsync", "head", timeout=2.0)
-            except BusError:
-                return
-            self._note_committed(h.get("committed"), h.get("committed_height"))
-            pos = await self.git(self.sync.position)
-            theirs = h.get("head")
-            if theirs and theirs != pos.head and int(h.get("stamp", 0)) >= pos.stamp:
-                try:
-                    bundle = await self.call(coord, "configsync", "bundle_since", timeout=10.0, base=pos.head)
-                    action, new = await self.git(self.sync.sync_to, bundle, theirs, int(h["stamp"]))
-                    if action not in ("none", "stale"):
-                        self.log.info("caught up from %s: %s to %s (height %d)", coord, action, theirs[:12], new.height)
-                except (BusError, ConfigRepoError) as e:
-                    self.log.warning("catch-up from %s failed: %s", coord, e)
-            await self._apply_committed()
+            while True:
+                self._catch_up_again = False
+                await self._catch_up_once()
+                if not self._catch_up_again:
+                    return
         finally:
             self._catching_up = False
+
+    async def _catch_up_once(self) -> None:
+        self._last_catch_up = time.monotonic()
+        coord = self.coordinator_now()
+        if coord is None or coord == self.member.name:
+            return
+        try:
+            h = await self.call(coord, "configsync", "head", timeout=2.0)
+        except BusError:
+            return
+        self._note_committed(h.get("committed"), h.get("committed_height"))
+        pos = await self.git(self.sync.position)
+        theirs = h.get("head")
+        if theirs and theirs != pos.head and int(h.get("stamp", 0)) >= pos.stamp:
+            try:
+                snap = await self.call(coord, "configsync", "snapshot", timeout=10.0, base=pos.head)
+                if snap.get("head"):
+                    action, new = await self.git(self.sync.sync_to, snap["bundle"], snap["head"], int(snap["stamp"]))
+                    if action not in ("none", "stale"):
+                        self.log.info("caught up from %s: %s to %s (height %d)", coord, action,
+                                      snap["head"][:12], new.height)
+            except (BusError, ConfigRepoError, KeyError, TypeError, ValueError) as e:
+                self.log.warning("catch-up from %s failed: %s", coord, e)
+        await self._apply_committed()
 
     # -- coordinator: starting a term -----------------------------------------------
     def _ensure_established(self) -> None:
@@ -581,7 +623,10 @@ class ConfigSyncService(Service):
                 return
             except CallTimeout:
                 return
-            positions[m] = Position(height=int(r["height"]), stamp=int(r["stamp"]), head=r.get("head"))
+            try:
+                positions[m] = Position(height=int(r["height"]), stamp=int(r["stamp"]), head=r.get("head"))
+            except (KeyError, TypeError, ValueError):
+                self.log.warning("term %d: %s answered a malformed position: %r", term, m, r)
 
         await asyncio.gather(*(ask(m) for m in self.cluster.voters if m != me))
         if len(positions) < self.cluster.quorum:
@@ -592,6 +637,7 @@ class ConfigSyncService(Service):
         if best != me and positions[best].head != positions[me].head:
             b = positions[best]
             bundle = await self.call(best, "configsync", "bundle_since", timeout=10.0, base=positions[me].head)
+            # it promised our term, so its main cannot have moved since it answered
             await self.git(self.sync.sync_to, bundle, b.head, b.stamp)
             self.log.info("term %d: adopted main %s of %s (height %d)", term, b.head[:12], best, b.height)
         pos = await self.git(self.sync.restamp, term)
@@ -688,10 +734,11 @@ class ConfigSyncService(Service):
             async with self.propose_lock:
                 term = self._require_coordinator()
                 try:
-                    await self.git(self.repo.accept, bytes(bundle), rev, parent)
-                    pos = await self.git(self.sync.restamp, term)
+                    pos = await self.git(self.sync.accept_as, term, bytes(bundle), rev, parent)
                 except OutOfDate:
                     raise ServiceError("out of date: run eccfg pull", "out_of_date") from None
+                except StaleTerm as e:
+                    raise ServiceError(str(e), "not_coordinator") from None
                 except ConfigRepoError as e:
                     raise repo_error(e) from None
                 if not await self._replicate(rev, bytes(bundle), term):
@@ -765,6 +812,14 @@ class ConfigSyncService(Service):
                 "coordinator": self.is_coordinator() and self.established_term == self.coord_term,
                 "term": self.coord_term}
 
+    async def rpc_snapshot(self, base: str | None = None) -> dict:
+        """``{head, height, stamp, bundle}``: main from ``base`` (everything when ``base`` is
+        unknown here) and the position it has, for a member catching up."""
+        try:
+            return await self.git(self.sync.snapshot, base)
+        except ConfigRepoError as e:
+            raise repo_error(e) from None
+
     async def rpc_bundle_since(self, base: str | None = None) -> bytes:
         try:
             return await self.git(self.repo.bundle_since, base)
@@ -782,9 +837,44 @@ class ConfigSyncService(Service):
         return await self.call(coord, "configsync", method, timeout=timeout, **args)
 
     async def _submit(self, p: Proposal) -> dict:
-        """Send a proposal to the coordinator; when the coordinator is lost on the way, find
-        out from the next one whether it was committed."""
-        coord, term = self.coordinator_now(), self.coord_term
+        """Send a proposal to the coordinator. When the coordinator is lost on the way, ask
+        the next one whether it was committed; when it was not (or never got it), propose it
+        again there. Gives up RESOLVE_TIMEOUT after the first loss."""
+        deadline: float | None = None
+        unknown = False         # sent to a coordinator that was lost before it answered
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                if unknown:
+                    raise ServiceError(f"outcome of {p.rev[:12]} unknown: no coordinator answered within "
+                                       f"{RESOLVE_TIMEOUT:g}s (see eccfg log / status --cluster)", "unknown")
+                await self.git(self.repo.drop_proposal, p.rev)
+                raise ServiceError(f"commit {p.rev[:12]} failed: the coordinator was lost and no new one "
+                                   f"took it within {RESOLVE_TIMEOUT:g}s; nothing was changed", "failed")
+            if unknown:
+                verdict = await self._ask_outcome(p.rev)
+                if verdict == "committed":
+                    return {"rev": p.rev, "term": self.coord_term, "height": self.committed_height, "resolved": True}
+                if verdict != "absent":
+                    await asyncio.sleep(0.1)
+                    continue
+                unknown = False         # nowhere, and the old coordinator can no longer commit it
+            if deadline is not None and self.coordinator_now() is None:
+                await asyncio.sleep(0.1)
+                continue
+            outcome, result = await self._try_propose(p)
+            if outcome == "ok":
+                return result
+            if deadline is None:
+                deadline = time.monotonic() + RESOLVE_TIMEOUT
+                self.log.warning("lost the coordinator while committing %s (%s): trying the next one",
+                                 p.rev[:12], outcome)
+            unknown = outcome == "unknown"
+            if not unknown:
+                await asyncio.sleep(0.1)
+
+    async def _try_propose(self, p: Proposal) -> tuple[str, dict | None]:
+        """("ok", result), ("unknown", None) when the coordinator got it but was lost before
+        answering, ("undelivered", None) when it surely did not take it; raises a refusal."""
         changed = self.coord_changed
         call = asyncio.ensure_future(self._forward("propose", self.commit_timeout + 2.0, bundle=p.bundle,
                                                    rev=p.rev, parent=p.parent, proposer=self.member.name))
@@ -796,41 +886,30 @@ class ConfigSyncService(Service):
         if not call.done():         # a new coordinator: let the old call run out on its own
             self._bg.add(call)
             call.add_done_callback(lambda t: (self._bg.discard(t), t.cancelled() or t.exception()))
-        else:
-            try:
-                return call.result()
-            except CallTimeout:
-                pass                    # sent, no answer: the outcome is unknown until we ask
-            except RemoteError as e:
-                if e.code != "no_quorum":   # refused outright: it is nowhere, forget it
-                    await self.git(self.repo.drop_proposal, p.rev)
-                raise
-        self.log.warning("lost the coordinator %s (term %d) while committing %s: asking the next one",
-                         coord, term, p.rev[:12])
-        return await self._resolve(p.rev, coord, term)
+            return "unknown", None
+        try:
+            return "ok", call.result()
+        except CallTimeout:
+            return "unknown", None
+        except RemoteError as e:
+            if e.code in UNDELIVERED:
+                return "undelivered", None
+            if e.code != "no_quorum":   # refused outright: it is nowhere, forget it
+                await self.git(self.repo.drop_proposal, p.rev)
+            raise
 
-    async def _resolve(self, rev: str, old: str | None, old_term: int) -> dict:
-        deadline = time.monotonic() + RESOLVE_TIMEOUT
-        while time.monotonic() < deadline:
-            coord = self.coordinator_now()
-            if coord is not None:
-                try:
-                    if coord == self.member.name:
-                        await self._wait_established(2.0)
-                        verdict = await self.rpc_outcome(rev)
-                    else:
-                        verdict = await self.call(coord, "configsync", "outcome", timeout=2.0, rev=rev)
-                except BusError:
-                    verdict = None
-                if verdict == "committed":
-                    return {"rev": rev, "term": self.coord_term, "height": self.committed_height, "resolved": True}
-                if verdict == "absent":
-                    await self.git(self.repo.drop_proposal, rev)
-                    raise ServiceError(f"commit {rev[:12]} failed: the coordinator {old or '?'} was lost before "
-                                       "a majority held it; nothing was changed (commit again)", "failed")
-            await asyncio.sleep(0.1)
-        raise ServiceError(f"outcome of {rev[:12]} unknown: no coordinator answered within {RESOLVE_TIMEOUT:g}s "
-                           "(see eccfg log / status --cluster)", "unknown")
+    async def _ask_outcome(self, rev: str) -> str | None:
+        """The current coordinator's verdict on ``rev``; None when none answers yet."""
+        coord = self.coordinator_now()
+        if coord is None:
+            return None
+        try:
+            if coord == self.member.name:
+                await self._wait_established(2.0)
+                return await self.rpc_outcome(rev)
+            return await self.call(coord, "configsync", "outcome", timeout=2.0, rev=rev)
+        except BusError:
+            return None
 
     async def _commit_proposal(self, make, *args) -> dict:
         try:
@@ -939,4 +1018,4 @@ class ConfigSyncService(Service):
 
 
 __all__ = ["ConfigSyncService", "Position", "read_height", "read_position", "read_promised", "write_position",
-           "store_action", "best_position", "member_state", "validation_message", "bundle_heads"]
+           "store_action", "best_position", "member_state", "validation_message"]
