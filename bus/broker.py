@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
 import zmq
 
 from bus import envelope as ch
@@ -103,6 +104,74 @@ def route(env: ch.Envelope, me: str, peers: set[str]) -> Route:
             return Route("peer", env.dm)
         return Route("error")
     return Route("error")
+
+
+# -- frames without pyzmq's sugar ------------------------------------------------------
+# pyzmq's send_multipart/recv_multipart combine enum flags on every frame, which costs
+# several times the send itself on small messages; these call the backend with plain ints.
+# Semantics are the same: a multipart message is accepted whole or refused at its first
+# frame (zmq.Again past the HWM, EHOSTUNREACH for an unknown ROUTER peer).
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_get = zmq.backend.Socket.get
+
+
+def send_frames(sock: zmq.Socket, frames: list) -> None:
+    """Send ``frames`` as one message without blocking (raises zmq.Again past the HWM)."""
+    last = len(frames) - 1
+    for i, f in enumerate(frames):
+        _send(sock, f, _MORE_NOBLOCK if i < last else _NOBLOCK)
+
+
+def recv_frames(sock: zmq.Socket, copy: bool = True) -> list | None:
+    """The next whole message on ``sock``, or None when there is none (never blocks)."""
+    if not _get(sock, _EVENTS) & _POLLIN:
+        return None
+    parts = [_recv(sock, _NOBLOCK, copy)]
+    while _get(sock, _RCVMORE):
+        parts.append(_recv(sock, _NOBLOCK, copy))
+    return parts
+
+
+# Above this size a peer's event is checked by its header only (see event_header).
+HEADER_ONLY_ABOVE = 512
+
+
+def event_header(data: bytes) -> dict:
+    """The header fields of an envelope (everything but the body), without decoding the body.
+
+    A peer's event only needs its sender and topic checked here; every subscriber decodes
+    and checks the whole envelope anyway (the channel), so decoding a batch's bodies in
+    the broker too would double the cost of every batch. Same size limits as
+    :func:`bus.envelope.unpack_raw`; raises :class:`~bus.envelope.BadMessage`. Pure.
+    """
+    if len(data) > ch.MAX_FRAME:
+        raise ch.BadMessage(f"frame of {len(data)} bytes exceeds {ch.MAX_FRAME}")
+    u = msgpack.Unpacker(raw=False, strict_map_key=True, max_str_len=ch.MAX_STR, max_bin_len=ch.MAX_BIN,
+                         max_array_len=ch.MAX_ARRAY, max_map_len=ch.MAX_MAP, max_ext_len=0)
+    u.feed(data)
+    head: dict = {}
+    try:
+        for _ in range(u.read_map_header()):
+            key = u.unpack()
+            if key == "b":
+                u.skip()
+            else:
+                head[key] = u.unpack()
+    except Exception as e:  # msgpack raises many types on garbage: all mean "not ours"
+        raise ch.BadMessage(f"undecodable frame: {type(e).__name__}") from None
+    try:
+        u.skip()
+    except msgpack.OutOfData:
+        return head
+    except Exception:
+        pass
+    raise ch.BadMessage("undecodable frame: ExtraData")
 
 
 class Broker:
@@ -240,9 +309,8 @@ class Broker:
 
     def _drain(self, sock: zmq.Socket, handler, copy: bool = True, limit: int = 2000) -> None:
         for _ in range(limit):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
-            except zmq.Again:
+            frames = recv_frames(sock, copy)
+            if frames is None:
                 return
             try:
                 handler(frames)
@@ -254,7 +322,7 @@ class Broker:
 
     def _heartbeat(self) -> None:
         try:
-            self.cluster_pub.send_multipart([HB_TOPIC, self.me.name.encode()], zmq.NOBLOCK)
+            send_frames(self.cluster_pub, [HB_TOPIC, self.me.name.encode()])
         except zmq.Again:
             pass
 
@@ -265,8 +333,8 @@ class Broker:
             # Events from local clients are forwarded without decoding: subscribers check the
             # shape (channel) and the src was stamped by the client library of a local process.
             out = frames[2:]
-            self.local_pub.send_multipart(out, zmq.NOBLOCK)
-            self.cluster_pub.send_multipart(out, zmq.NOBLOCK)
+            send_frames(self.local_pub, out)
+            send_frames(self.cluster_pub, out)
             self.counters.events_local += 1
             return
         if len(frames) != 2:
@@ -277,8 +345,8 @@ class Broker:
         if env.kind == "pub":
             data = ch.pack(env)
             topic = env.topic.encode()
-            self.local_pub.send_multipart([topic, data], zmq.NOBLOCK)
-            self.cluster_pub.send_multipart([topic, data], zmq.NOBLOCK)
+            send_frames(self.local_pub, [topic, data])
+            send_frames(self.cluster_pub, [topic, data])
             self.counters.events_local += 1
             return
         self._dispatch(env)
@@ -310,13 +378,22 @@ class Broker:
             return
         if len(frames) != 2:
             raise ch.BadMessage("event with wrong frame count")
-        env = ch.unpack(frames[1])
-        if env.kind != "pub" or env.src != peer.name or env.topic.encode() != frames[0]:
+        if len(frames[1]) > HEADER_ONLY_ABOVE:
+            head = event_header(frames[1])
+            if head.get("v") != ch.VERSION:
+                raise ch.BadMessage(f"unsupported envelope version {head.get('v')!r}")
+            kind, src, topic = head.get("k"), head.get("src"), head.get("t")
+            if not isinstance(topic, str):
+                raise ch.BadMessage("event without a topic")
+        else:
+            env = ch.unpack(frames[1])
+            kind, src, topic = env.kind, env.src, env.topic
+        if kind != "pub" or src != peer.name or topic.encode() != frames[0]:
             self.counters.spoofed += 1
             return
         peer.events += 1
         self.counters.events_remote += 1
-        self.local_pub.send_multipart(frames, zmq.NOBLOCK)
+        send_frames(self.local_pub, frames)
 
     # -- routing ------------------------------------------------------------------
     def _dispatch(self, env: ch.Envelope) -> None:
@@ -337,7 +414,7 @@ class Broker:
 
     def _send_or_fail(self, sock: zmq.Socket, frames: list[bytes], env: ch.Envelope, code: str, message: str) -> None:
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(sock, frames)
         except (zmq.Again, zmq.ZMQError) as e:
             if isinstance(e, zmq.ZMQError) and not isinstance(e, zmq.Again) and e.errno != zmq.EHOSTUNREACH:
                 raise

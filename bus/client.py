@@ -24,11 +24,11 @@ import time
 from typing import Any, Awaitable, Callable
 
 import zmq
-import zmq.asyncio
 
 from bus import envelope as ch
 from bus import keys as keymod
 from bus import transport
+from bus.broker import recv_frames, send_frames
 from ecluster.clusterfile import Cluster
 
 log = logging.getLogger("ecluster.bus")
@@ -54,21 +54,77 @@ class RemoteError(BusError):
         self.message = message
 
 
+class _PlainSockets:
+    """Makes plain (blocking-API) sockets from any context, asyncio ones included, so the
+    context still tracks them (``ctx.destroy()`` closes them)."""
+
+    def __init__(self, ctx: zmq.Context):
+        self.ctx = ctx
+
+    def socket(self, kind: int) -> zmq.Socket:
+        return self.ctx.socket(kind, socket_class=zmq.Socket)
+
+
+class _Readable:
+    """Await "this socket has a message" on the asyncio loop, without per-message futures.
+
+    zmq.asyncio makes a future and several callbacks per received message, which costs
+    more than the message itself on a small call; here a reader task receives without
+    blocking until nothing is left and only then waits on the socket's FD. The FD is an
+    edge signal that any operation on the socket may consume, so: read EVENTS in the FD
+    callback (that re-arms it) and before waiting.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket):
+        self.loop = loop
+        self.sock = sock
+        self.waiter: asyncio.Future | None = None
+        self.fd = sock.getsockopt(zmq.FD)
+        loop.add_reader(self.fd, self.kick)
+
+    def kick(self) -> None:
+        w = self.waiter
+        if self.sock.closed:
+            return
+        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN and w is not None and not w.done():
+            w.set_result(None)
+
+    async def wait(self) -> None:
+        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return
+        self.waiter = self.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def close(self) -> None:
+        try:
+            self.loop.remove_reader(self.fd)
+        except Exception:  # the loop may be closed already
+            pass
+
+
+# a reader yields to other tasks after this many messages in a row
+_FAIR_BATCH = 64
+
+
 class AsyncClient:
     """A service's or a local tool's connection to its member's broker."""
 
     def __init__(self, cluster: Cluster, member: str, identity: str,
-                 ctx: zmq.asyncio.Context | None = None, subscribe: bool = True):
+                 ctx: zmq.Context | None = None, subscribe: bool = True):
         self.cluster = cluster
         self.member = cluster.member(member)
         self.identity = identity
-        self.ctx = ctx or zmq.asyncio.Context.instance()
-        self.dealer = transport.make_socket(self.ctx, zmq.DEALER, 0)
+        self.ctx = ctx or zmq.Context.instance()
+        plain = _PlainSockets(self.ctx)
+        self.dealer = transport.make_socket(plain, zmq.DEALER, 0)
         self.dealer.setsockopt_string(zmq.ROUTING_ID, identity)
         self.dealer.connect(self.member.ipc_router)
         self.sub = None
         if subscribe:
-            self.sub = transport.make_socket(self.ctx, zmq.SUB, 0)
+            self.sub = transport.make_socket(plain, zmq.SUB, 0)
             self.sub.connect(self.member.ipc_pub)
         self.pending: dict[str, asyncio.Future] = {}
         self.on_request: RequestHandler | None = None
@@ -76,8 +132,25 @@ class AsyncClient:
         self.malformed = 0
         self.late = 0
         self._tasks: list[asyncio.Task] = []
+        self._readers: list[_Readable] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dealer_fd: int | None = None
+        self._serving: set[asyncio.Task] = set()     # strong refs: the loop keeps only weak ones
 
     # -- outbound -----------------------------------------------------------------
+    async def _send(self, frames: list[bytes]) -> None:
+        """Send on the DEALER; past the high-water mark, wait (back-pressure) instead of failing."""
+        sock = self.dealer
+        delay = 0.0005
+        while True:
+            try:
+                send_frames(sock, frames)
+                break
+            except zmq.Again:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        self._kick_dealer()
+
     async def call(self, member: str | None, service: str, method: str, timeout: float = 2.0, **args) -> Any:
         dm = member or self.member.name
         env = ch.request(dm, service, method, args, time.time() + timeout)
@@ -85,7 +158,7 @@ class AsyncClient:
         fut = asyncio.get_running_loop().create_future()
         self.pending[env.id] = fut
         try:
-            await self.dealer.send(ch.pack(env))
+            await self._send([ch.pack(env)])
             rep: ch.Envelope = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise CallTimeout(dm, service, method, timeout) from None
@@ -98,35 +171,57 @@ class AsyncClient:
     async def cast(self, member: str | None, service: str, method: str, **args) -> None:
         env = ch.request(member or self.member.name, service, method, args, None, kind="cast")
         env.src = self.member.name
-        await self.dealer.send(ch.pack(env))
+        await self._send([ch.pack(env)])
 
     async def publish(self, topic: str, body: Any) -> None:
         env = ch.event(topic, body)
         env.src = self.member.name
-        await self.dealer.send_multipart([b"P", topic.encode(), ch.pack(env)])
+        await self._send([b"P", topic.encode(), ch.pack(env)])
 
     async def publish_many(self, topic: str, bodies: list) -> None:
         env = ch.event(topic, bodies, batch=True)
         env.src = self.member.name
-        await self.dealer.send_multipart([b"P", topic.encode(), ch.pack(env)])
+        await self._send([b"P", topic.encode(), ch.pack(env)])
 
     def subscribe(self, prefix: str) -> None:
         if self.sub is None:
             raise BusError("this client was made without a subscription socket")
         self.sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        for r in self._readers:
+            if r.sock is self.sub:
+                r.kick()           # any socket operation may eat the FD's edge
 
     # -- inbound ------------------------------------------------------------------
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._read_dealer()))
+        self._loop = loop
+        # the DEALER is read straight from its FD callback: a reply resolves its call's
+        # future and a request becomes a task without an extra hop through a reader task
+        self._dealer_fd = self.dealer.getsockopt(zmq.FD)
+        loop.add_reader(self._dealer_fd, self._on_dealer)
+        loop.call_soon(self._on_dealer)      # anything that arrived before start()
         if self.sub is not None:
-            self._tasks.append(loop.create_task(self._read_sub()))
+            ready = _Readable(loop, self.sub)
+            self._readers.append(ready)
+            self._tasks.append(loop.create_task(self._read_sub(ready)))
 
-    async def _read_dealer(self) -> None:
-        while True:
-            data = await self.dealer.recv()
+    def _kick_dealer(self) -> None:
+        """After a send: zmq may have taken the FD's "readable" edge, so look ourselves."""
+        if self._loop is not None and not self.dealer.closed and self.dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._loop.call_soon(self._on_dealer)
+
+    def _on_dealer(self) -> None:
+        sock = self.dealer
+        if sock.closed:
+            return
+        for _ in range(_FAIR_BATCH):
+            frames = recv_frames(sock)
+            if frames is None:
+                return
             try:
-                env = ch.unpack(data)
+                if len(frames) != 1:
+                    raise ch.BadMessage("reply with wrong frame count")
+                env = ch.unpack(frames[0])
             except ch.BadMessage:
                 self.malformed += 1
                 continue
@@ -137,7 +232,10 @@ class AsyncClient:
                 else:
                     self.late += 1
             elif self.on_request is not None:
-                asyncio.get_running_loop().create_task(self._serve(env))
+                task = self._loop.create_task(self._serve(env))
+                self._serving.add(task)
+                task.add_done_callback(self._serving.discard)
+        self._loop.call_soon(self._on_dealer)    # more may be queued: let other work run first
 
     async def _serve(self, env: ch.Envelope) -> None:
         if env.deadline is not None and time.time() > env.deadline + 0.5:
@@ -157,11 +255,21 @@ class AsyncClient:
                 data = ch.pack(rep)
             except ch.BadMessage as e:
                 data = ch.pack(ch.reply_to(env, error={"code": "internal", "message": str(e)}))
-            await self.dealer.send(data)
+            await self._send([data])
 
-    async def _read_sub(self) -> None:
+    async def _read_sub(self, ready: _Readable) -> None:
+        sock = self.sub
+        in_a_row = 0
         while True:
-            frames = await self.sub.recv_multipart()
+            frames = recv_frames(sock)
+            if frames is None:
+                in_a_row = 0
+                await ready.wait()
+                continue
+            in_a_row += 1
+            if in_a_row >= _FAIR_BATCH:
+                in_a_row = 0
+                await asyncio.sleep(0)
             if len(frames) != 2:
                 self.malformed += 1
                 continue
@@ -182,8 +290,17 @@ class AsyncClient:
                     log.exception("event handler for %s failed", env.topic)
 
     def close(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._serving]:
             t.cancel()
+        for r in self._readers:
+            r.close()
+        self._readers.clear()
+        if self._loop is not None and self._dealer_fd is not None:
+            try:
+                self._loop.remove_reader(self._dealer_fd)
+            except Exception:  # the loop may be closed already
+                pass
+            self._dealer_fd = None
         self.dealer.close(linger=0)
         if self.sub is not None:
             self.sub.close(linger=0)

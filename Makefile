@@ -1,0 +1,63 @@
+# ecluster: `make demo` to see it work, `make test` to check it.
+# The set-up is incremental: the venv is made once, `pip install -e` reruns only when
+# pyproject.toml changes, and system packages are installed only when missing (as root).
+
+SHELL      := /bin/bash
+VENV       := .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.ecluster-installed
+PYTEST     := $(VENV)/bin/pytest -q -p no:cacheprovider
+SYS_TOOLS  := ip:iproute2
+
+.PHONY: all setup sysdeps test demo cli-docs bench soak clean distclean
+
+all: test
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml plugins/ecluster_smtp/pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e plugins/ecluster_smtp
+	touch $@
+
+# tool:package pairs; apt-get only for what is missing, and only as root
+sysdeps:
+	@missing=""; \
+	for pair in $(SYS_TOOLS); do \
+	  tool=$${pair%%:*}; pkg=$${pair#*:}; \
+	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else \
+	    echo "note: missing$$missing (not root): tests that need them will skip"; \
+	  fi; \
+	fi
+
+setup: sysdeps $(STAMP)
+
+test: setup
+	$(PYTEST) -m "not soak"
+
+# e.g. make demo DEMO_ARGS="--duration 120" (or --loopback)
+demo: setup
+	$(VENV)/bin/ecluster demo $(DEMO_ARGS)
+
+cli-docs: setup
+	$(PY) tools/gen_cli_docs.py
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+soak: setup
+	@if grep -rqs "mark.soak" tests; then $(PYTEST) -m soak; else echo "no soak tests yet"; fi
+
+clean:
+	rm -rf .pytest_cache .hypothesis build artifacts demo *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -print0 | xargs -0 rm -rf
+
+distclean: clean
+	rm -rf $(VENV)

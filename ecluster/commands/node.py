@@ -1,0 +1,38 @@
+"""``ecluster node run``: run one node (its supervisord and every program under it)."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ecluster.commands.common import ConfigOpt, die, load, new_app
+
+app = new_app("Run a node.")
+
+
+def run_role(config, name: str, role: str) -> int:
+    """Shared by ``node run`` and ``manager run``: check the role, run supervisord."""
+    from node.supervisor import run_member
+    cluster = load(config)
+    m = cluster.member(name)
+    if m.role != role:
+        other = "manager" if role == "node" else "node"
+        die(f"{name} is a {m.role}, not a {role} (use: ecluster {other} run)")
+    return run_member(cluster, name, config)
+
+
+@app.command("run")
+def node_run(config: ConfigOpt = None,
+             node: Annotated[str, typer.Option("--node", "-n", metavar="NAME", help="The node to run.")] = ...):
+    """Run a node in the foreground: supervisord with the broker and every service.
+
+    Holds the data-directory lock (a second runner on the same directory refuses);
+    SIGTERM stops every program and exits.
+
+    Example: ecluster node run -c cluster.toml --node n1
+    """
+    raise typer.Exit(run_role(config, node, "node"))
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="node")

@@ -1,0 +1,102 @@
+"""``ecluster status``: what the first reachable member knows about the cluster."""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from ecluster.commands.common import ConfigOpt, JsonOpt, OptionalMemberOpt, die, load, print_json
+
+DEFAULT_TIMEOUT = 0.8
+
+
+def link_state(heard_ago: float | None, dead_after: float) -> str:
+    """A peer link as one word, from the seconds since its last heartbeat. Pure."""
+    if heard_ago is None:
+        return "never"
+    return "up" if heard_ago <= dead_after else "down"
+
+
+def status_report(cluster, answered_by: str, bus_status: dict, control_status: dict | None,
+                  control_error: str | None = None) -> dict[str, Any]:
+    """Combine a member's bus.status and control.status replies into one report. Pure."""
+    # the broker heartbeats every half ZMTP interval; a peer is down once its link would be
+    dead_after = cluster.timing.zmq_heartbeat_timeout_ms / 1000
+    peers = bus_status.get("peers", {}) or {}
+    members = []
+    for name, m in cluster.members.items():
+        row = {"name": name, "role": m.role, "address": m.address, "bus": m.bus_endpoint}
+        if name == answered_by:
+            row.update(link="self", heard_ago=0.0)
+        else:
+            p = peers.get(name) or {}
+            heard = p.get("heard_ago")
+            row.update(link=link_state(heard, dead_after), heard_ago=heard)
+        members.append(row)
+    return {"cluster": cluster.name, "answered_by": answered_by, "members": members,
+            "broker": {k: bus_status.get(k) for k in ("uptime", "pid", "counters")},
+            "control": control_status, "control_error": control_error}
+
+
+def ask(cluster, name: str, timeout: float) -> dict[str, Any]:
+    """Ask member ``name`` over tcp with the admin key; raises BusError if it does not answer."""
+    from bus.client import BusError, SyncClient
+    with SyncClient(cluster, remote=name) as c:
+        bus_status = c.call(name, "bus", "status", timeout=timeout)
+        try:
+            ctl, err = c.call(name, "control", "status", timeout=timeout), None
+        except BusError as e:
+            ctl, err = None, str(e)
+    return status_report(cluster, name, bus_status, ctl, err)
+
+
+def status(config: ConfigOpt = None, member: OptionalMemberOpt = None, json_: JsonOpt = False,
+           timeout: Annotated[float, typer.Option("--timeout", "-t", metavar="SECONDS",
+                                                  help="How long to wait for each member.")] = DEFAULT_TIMEOUT):
+    """Show the cluster as the first reachable member sees it (or as --member sees it).
+
+    Members are tried in the order of the cluster file, over tcp with the admin key.
+
+    Example: ecluster status -c cluster.toml --json
+    """
+    from bus.client import BusError
+    cluster = load(config)
+    names = [cluster.member(member).name] if member else list(cluster.members)
+    failures = []
+    for name in names:
+        try:
+            rep = ask(cluster, name, timeout)
+        except BusError as e:
+            failures.append(f"{name}: {e}")
+            continue
+        if json_:
+            print_json(rep)
+        else:
+            show(rep)
+        return
+    die("no member answered (" + "; ".join(failures) + ")")
+
+
+def show(rep: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    colour = {"self": "cyan", "up": "green", "down": "red", "never": "yellow"}
+    t = Table(title=f"cluster {rep['cluster']}, as seen by {rep['answered_by']}")
+    for col in ("member", "role", "address", "link", "heard ago"):
+        t.add_column(col)
+    for m in rep["members"]:
+        heard = "" if m["heard_ago"] is None else f"{m['heard_ago']:.2f} s"
+        t.add_row(m["name"], m["role"], m["address"], f"[{colour[m['link']]}]{m['link']}[/]", heard)
+    console = Console()
+    console.print(t)
+    b = rep["broker"]
+    console.print(f"broker pid {b['pid']}, up {b['uptime']} s, counters {b['counters']}")
+    if rep["control"] is not None:
+        c = rep["control"]
+        console.print(f"control pid {c.get('pid')} on {c.get('host')}, up {c.get('uptime')} s")
+    else:
+        console.print(f"control: [red]{rep['control_error']}[/]")
+
+
+def register(root: typer.Typer) -> None:
+    root.command("status")(status)

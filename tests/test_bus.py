@@ -1,0 +1,465 @@
+"""The bus over real brokers: three (and a fourth, stopped) broker subprocesses on loopback.
+
+Calls and events cross members, errors come back at once instead of hanging, a key that
+is not in the key directory gets nothing, a peer that lies about its name is dropped, and
+no garbage frame stops a broker. Plus unit tests of the envelope (the channel).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import signal
+import time
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bus import envelope as ch
+from bus import keys as keymod
+from bus import transport
+from bus.broker import event_header, route
+from bus.client import AsyncClient, BusError, CallTimeout, RemoteError, SyncClient
+from conftest import Procs, bus_ping, bus_status, make_cluster_file, short_dir, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+MEMBERS = ("n1", "n2", "n3")
+
+
+def _raw(d) -> bytes:
+    return msgpack.packb(d, use_bin_type=True)
+
+
+@pytest.fixture(scope="module")
+def bus3(tmp_path_factory):
+    """n1..n3 brokers with a control service each; n4 configured but started only on demand."""
+    base = tmp_path_factory.mktemp("bus3")
+    root = short_dir()
+    procs = Procs(base / "logs")
+    try:
+        cluster = make_cluster_file(base, n_nodes=4, data_root=root)
+        for m in MEMBERS:
+            procs.start(["bus", "run", "-c", cluster.path, "-m", m], name=f"broker-{m}")
+        for m in MEMBERS:
+            procs.start(["service", "run", "control", "-c", cluster.path, "-m", m], name=f"control-{m}")
+        for src in MEMBERS:
+            for dst in MEMBERS:
+                wait_until(lambda: bus_ping(cluster, src, dst), timeout=20, what=f"bus.ping {src}->{dst}")
+        yield cluster, procs
+    finally:
+        procs.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+# -- calls -------------------------------------------------------------------------------------
+
+def test_control_status_over_tcp_on_every_member(bus3):
+    cluster, _ = bus3
+    for m in MEMBERS:
+        with SyncClient(cluster, remote=m) as c:
+            rep = wait_until(lambda: c.call(m, "control", "status", timeout=1.0), timeout=10)
+        assert rep["member"] == m and rep["cluster"] == cluster.name and rep["role"] == "node"
+
+
+def test_call_crosses_members_through_both_brokers(bus3):
+    """An AsyncClient service on n2 answers calls from n1 and n3; its errors come back typed."""
+    cluster, _ = bus3
+
+    async def scenario():
+        ctx = zmq.asyncio.Context()
+        svc = AsyncClient(cluster, "n2", "svc:echo", ctx=ctx, subscribe=False)
+
+        async def on_request(env: ch.Envelope):
+            if env.method == "fail":
+                raise RemoteError("bad_input", "echo refuses")
+            return {"args": env.body, "method": env.method, "from": env.src, "at": "n2"}
+
+        svc.on_request = on_request
+        svc.start()
+        callers = {m: AsyncClient(cluster, m, f"t:caller:{m}", ctx=ctx, subscribe=False) for m in ("n1", "n3")}
+        for c in callers.values():
+            c.start()
+        try:
+            deadline = time.monotonic() + 10
+            while True:       # until the service's DEALER is connected to n2's broker
+                try:
+                    await callers["n1"].call("n2", "echo", "hello", timeout=1.0, x=0)
+                    break
+                except RemoteError as e:
+                    assert e.code == "no_service"
+                    assert time.monotonic() < deadline, "echo service never became reachable"
+                    await asyncio.sleep(0.05)
+            for m, c in callers.items():
+                for i in range(5):
+                    rep = await c.call("n2", "echo", "hello", timeout=2.0, x=i, who=m)
+                    assert rep == {"args": {"x": i, "who": m}, "method": "hello", "from": m, "at": "n2"}
+            with pytest.raises(RemoteError) as err:
+                await callers["n1"].call("n2", "echo", "fail", timeout=2.0)
+            assert err.value.code == "bad_input" and "refuses" in err.value.message
+        finally:
+            for c in [svc, *callers.values()]:
+                c.close()
+            ctx.destroy(linger=0)
+
+    run(scenario())
+
+
+def test_unknown_service_is_an_error_at_once(bus3):
+    cluster, _ = bus3
+    with SyncClient(cluster, via="n1") as c:
+        for target in ("n1", "n2"):
+            t0 = time.monotonic()
+            with pytest.raises(RemoteError) as err:
+                c.call(target, "no-such-service", "anything", timeout=3.0)
+            assert err.value.code == "no_service"
+            assert time.monotonic() - t0 < 1.0, "an unknown service must not wait for the timeout"
+
+
+def test_unknown_member_is_an_error_at_once(bus3):
+    cluster, _ = bus3
+    with SyncClient(cluster, via="n1") as c:
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError) as err:
+            c.call("n9", "control", "status", timeout=3.0)
+        assert err.value.code == "unknown_member" and "n9" in err.value.message
+        assert time.monotonic() - t0 < 1.0
+
+
+def test_unknown_bus_method_is_an_error(bus3):
+    cluster, _ = bus3
+    with SyncClient(cluster, via="n2") as c:
+        with pytest.raises(RemoteError) as err:
+            c.call("n1", "bus", "no_such_method", timeout=2.0)
+        assert err.value.code == "unknown_method"
+
+
+def test_call_to_a_stopped_member_fails_within_the_timeout(bus3):
+    cluster, procs = bus3
+    p = procs.start(["bus", "run", "-c", cluster.path, "-m", "n4"], name="broker-n4")
+    wait_until(lambda: bus_ping(cluster, "n1", "n4"), timeout=20, what="n1 reaches n4")
+    assert procs.stop(p) == 0
+    timeout = 1.0
+    with SyncClient(cluster, via="n1") as c:
+        for _ in range(3):
+            t0 = time.monotonic()
+            with pytest.raises(BusError) as err:
+                c.call("n4", "bus", "ping", timeout=timeout)
+            assert time.monotonic() - t0 < timeout + 0.5, "a call to a stopped member must not hang"
+            if isinstance(err.value, RemoteError):
+                assert err.value.code == "unreachable"
+            else:
+                assert isinstance(err.value, CallTimeout)
+
+
+# -- events ------------------------------------------------------------------------------------
+
+def test_events_reach_every_member_in_order_single_and_batched(bus3):
+    cluster, _ = bus3
+
+    async def scenario():
+        ctx = zmq.asyncio.Context()
+        got: dict[str, list] = {m: [] for m in MEMBERS}
+        subs = []
+        for m in MEMBERS:
+            c = AsyncClient(cluster, m, f"t:sub:{m}", ctx=ctx)
+            c.subscribe("test.ev.")
+
+            async def on_event(topic, body, env, m=m):
+                got[m].append((topic, body, env.src))
+
+            c.on_event = on_event
+            c.start()
+            subs.append(c)
+        pub = AsyncClient(cluster, "n1", "t:pub", ctx=ctx, subscribe=False)
+        try:
+            # subscriptions propagate asynchronously: publish probes until everyone hears one
+            deadline = time.monotonic() + 10
+            i = 0
+            while not all(any(t == "test.ev.probe" for t, _, _ in got[m]) for m in MEMBERS):
+                assert time.monotonic() < deadline, f"probes never arrived: { {m: len(v) for m, v in got.items()} }"
+                await pub.publish("test.ev.probe", {"i": i})
+                i += 1
+                await asyncio.sleep(0.05)
+            for n in range(50):
+                await pub.publish("test.ev.seq", {"n": n})
+            await pub.publish_many("test.ev.batch", [{"b": b} for b in range(100)])
+            await pub.publish("test.other", {"never": True})      # not subscribed
+            deadline = time.monotonic() + 10
+            while not all(sum(t == "test.ev.batch" for t, _, _ in got[m]) == 100 for m in MEMBERS):
+                assert time.monotonic() < deadline, "batched events did not all arrive"
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)       # a straggler or a duplicate would show up here
+            for m in MEMBERS:
+                seq = [b["n"] for t, b, _ in got[m] if t == "test.ev.seq"]
+                batch = [b["b"] for t, b, _ in got[m] if t == "test.ev.batch"]
+                assert seq == list(range(50)), f"{m} got {seq}"
+                assert batch == list(range(100)), f"{m} batch out of order or incomplete"
+                assert {src for _, _, src in got[m]} == {"n1"}
+                assert not any(t == "test.other" for t, _, _ in got[m])
+        finally:
+            for c in [pub, *subs]:
+                c.close()
+            ctx.destroy(linger=0)
+
+    run(scenario())
+
+
+# -- trust ---------------------------------------------------------------------------------------
+
+def _stranger_cluster(cluster, tmp_path):
+    """The cluster as seen by someone holding a key pair that is NOT in the key directory."""
+    other = tmp_path / "stranger-keys"
+    other.mkdir()
+    for m in cluster.members:
+        shutil.copy(cluster.keys_dir / f"{m}.key", other / f"{m}.key")
+    keymod.create(other, "stranger")
+    return dataclasses.replace(cluster, keys_dir=other)
+
+
+def test_foreign_key_cannot_call(bus3, tmp_path):
+    cluster, _ = bus3
+    stranger = _stranger_cluster(cluster, tmp_path)
+    with SyncClient(stranger, remote="n1", key="stranger") as c:
+        with pytest.raises(CallTimeout):
+            c.call("n1", "bus", "ping", timeout=1.0)
+    # the admin key, same path, same moment: answered (so the refusal above is the key's)
+    with SyncClient(cluster, remote="n1") as c:
+        assert c.call("n1", "bus", "ping", timeout=2.0)["member"] == "n1"
+
+
+def test_foreign_key_cannot_subscribe_to_the_cluster_pub(bus3, tmp_path):
+    cluster, _ = bus3
+    stranger = _stranger_cluster(cluster, tmp_path)
+    n1 = cluster.member("n1")
+    server = keymod.load(cluster.keys_dir, "n1", secret=False).public
+    ctx = zmq.Context()
+    try:
+        def sub(keys_dir, name):
+            s = transport.make_socket(ctx, zmq.SUB)
+            transport.curve_client(s, keymod.load(keys_dir, name), server)
+            s.setsockopt(zmq.SUBSCRIBE, b"")
+            s.connect(n1.pub_endpoint)
+            return s
+
+        good, bad = sub(cluster.keys_dir, keymod.ADMIN), sub(stranger.keys_dir, "stranger")
+        counts = {"good": 0, "bad": 0}
+
+        def drain():
+            for key, s in (("good", good), ("bad", bad)):
+                while s.poll(0):
+                    s.recv_multipart()
+                    counts[key] += 1
+            return counts["good"] >= 3       # broker heartbeats flow every ~0.25 s
+
+        wait_until(drain, timeout=10, what="the admin key receives the cluster PUB")
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            drain()
+            time.sleep(0.02)
+        assert counts["bad"] == 0, "a key outside the key directory received events"
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_peer_key_with_spoofed_src_is_dropped(bus3):
+    cluster, _ = bus3
+    before = bus_status(cluster, "n1")["counters"]["spoofed"]
+    ctx = zmq.Context()
+    try:
+        d = transport.make_socket(ctx, zmq.DEALER)
+        transport.curve_client(d, keymod.load(cluster.keys_dir, "n2"),
+                               keymod.load(cluster.keys_dir, "n1", secret=False).public)
+        d.connect(cluster.member("n1").bus_endpoint)
+        env = ch.request("n1", "bus", "ping", {}, time.time() + 5)
+        env.src, env.sc = "n3", "x"           # n2's key, claiming to be n3
+        d.send(ch.pack(env))
+        wait_until(lambda: bus_status(cluster, "n1")["counters"]["spoofed"] >= before + 1, timeout=10,
+                   what="spoofed counter goes up")
+        assert not d.poll(200), "a spoofed request must not be answered"
+    finally:
+        ctx.destroy(linger=0)
+
+
+# -- garbage ---------------------------------------------------------------------------------------
+
+def _valid_envelopes():
+    names = st.text(st.characters(min_codepoint=97, max_codepoint=122), min_size=1, max_size=8)
+    # fixed ids and deadlines: hypothesis needs the same bytes for the same draws
+    req = st.builds(lambda dm, ds, m, x: ch.pack(ch.Envelope(kind="req", id="7", dm=dm, ds=ds, method=m,
+                                                             body={"x": x}, deadline=1e10)),
+                    names, names, names, st.integers(-2**63, 2**63 - 1))
+    pub = st.builds(lambda t, b: ch.pack(ch.Envelope(kind="pub", id="8", topic=t, body=b)),
+                    names, st.lists(st.integers(-2**63, 2**63 - 1), max_size=5))
+    return st.one_of(req, pub)
+
+
+@st.composite
+def _truncated(draw):
+    data = draw(_valid_envelopes())
+    return data[: draw(st.integers(0, len(data) - 1))]
+
+
+_frame = st.one_of(st.binary(max_size=200), _truncated())
+_message = st.one_of(_frame.map(lambda f: [f]), st.lists(_frame, min_size=2, max_size=4))
+
+
+def _expect_malformed_tcp(frames: list[bytes]) -> bool:
+    if len(frames) != 1:
+        return True
+    try:
+        ch.unpack(frames[0])
+    except ch.BadMessage:
+        return True
+    return False
+
+
+def _expect_malformed_ipc(frames: list[bytes]) -> bool:
+    if len(frames) == 3 and frames[0] == b"P":
+        return False          # the local event fast path forwards without decoding
+    return _expect_malformed_tcp(frames)
+
+
+@pytest.mark.parametrize("path", ["tcp", "ipc"])
+def test_garbage_frames_leave_the_broker_serving(bus3, path):
+    cluster, _ = bus3
+    target = "n3"
+    m = cluster.member(target)
+    before = bus_status(cluster, target)["counters"]["malformed"]
+    ctx = zmq.Context()
+    sent: list[list[bytes]] = []
+    try:
+        d = transport.make_socket(ctx, zmq.DEALER)
+        if path == "tcp":
+            transport.curve_client(d, keymod.load(cluster.keys_dir, keymod.ADMIN),
+                                   keymod.load(cluster.keys_dir, target, secret=False).public)
+            d.connect(m.bus_endpoint)
+        else:
+            d.connect(m.ipc_router)
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(_message)
+        def send(frames):
+            d.send_multipart(frames)
+            sent.append(frames)
+
+        send()
+        expect = _expect_malformed_tcp if path == "tcp" else _expect_malformed_ipc
+        n_bad = sum(expect(f) for f in sent)
+        assert n_bad > 50, "the strategy should mostly produce garbage"
+        wait_until(lambda: bus_status(cluster, target)["counters"]["malformed"] >= before + n_bad,
+                   timeout=10, what=f"{n_bad} malformed frames counted")
+        after = bus_status(cluster, target)["counters"]["malformed"]
+        assert after - before <= len(sent)
+        for src in MEMBERS:          # still routing, both ways
+            assert bus_ping(cluster, src, target, timeout=2.0)["member"] == target
+            assert bus_ping(cluster, target, src, timeout=2.0)["member"] == src
+    finally:
+        ctx.destroy(linger=0)
+
+
+# -- routing (pure) and the envelope ----------------------------------------------------------------
+
+def test_route_decisions():
+    peers = {"n2", "n3"}
+    assert route(ch.request("n1", "control", "status", {}, None), "n1", peers).target == "svc:control"
+    assert route(ch.request("n1", "bus", "ping", {}, None), "n1", peers).to == "self"
+    assert route(ch.request("n2", "control", "status", {}, None), "n1", peers).target == "n2"
+    r = route(ch.request("n7", "control", "status", {}, None), "n1", peers)
+    assert r.to == "error" and r.error["code"] == "unknown_member"
+    rep = ch.Envelope(kind="rep", id="1", dm="n1", ds="x:abcd")
+    assert (route(rep, "n1", peers).to, route(rep, "n1", peers).target) == ("external", "abcd")
+    assert route(ch.Envelope(kind="rep", id="1", dm="n3", ds="c"), "n1", peers).target == "n3"
+
+
+_bodies = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=_bodies, args=st.dictionaries(st.text(max_size=8), _bodies, max_size=4))
+def test_envelope_round_trip(body, args):
+    ev = ch.event("a.topic", body)
+    ev.src, ev.sc = "n1", "svc:x"
+    back = ch.unpack(ch.pack(ev))
+    assert (back.kind, back.topic, back.src, back.sc, back.id) == ("pub", "a.topic", "n1", "svc:x", ev.id)
+    assert back.body == body
+    req = ch.request("n2", "svc", "meth", args, 123.5)
+    back = ch.unpack(ch.pack(req))
+    assert (back.kind, back.dm, back.ds, back.method, back.body, back.deadline) == ("req", "n2", "svc", "meth", args, 123.5)
+    rep = ch.reply_to(back, error={"code": "c", "message": "m"})
+    assert ch.unpack(ch.pack(rep)).error == {"code": "c", "message": "m"}
+
+
+@settings(max_examples=100, deadline=None)
+@given(body=_bodies, batch=st.booleans())
+def test_event_header_matches_a_full_unpack(body, batch):
+    ev = ch.event("t.x", [body] if batch else body, batch=batch)
+    ev.src, ev.sc = "n2", "svc:y"
+    data = ch.pack(ev)
+    head = event_header(data)
+    full = ch.unpack(data)
+    assert (head["v"], head["k"], head["src"], head["t"], head["id"]) == (1, full.kind, full.src, full.topic, full.id)
+    assert "b" not in head and head.get("n", False) == full.batch
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", _raw([1, 2]), _raw({"v": 1, "k": "pub"}) + b"\x00",
+                                  _raw({"v": 1, "k": "pub", "b": [1, 2, 3]})[:-1]])
+def test_event_header_refuses_garbage(data):
+    with pytest.raises(ch.BadMessage):
+        event_header(data)
+
+
+def test_envelope_ids_are_unique():
+    ids = {ch.new_id() for _ in range(10000)}
+    assert len(ids) == 10000
+
+
+GOOD_REQ = {"v": 1, "k": "req", "id": "1", "src": "n1", "sc": "c", "dm": "n2", "ds": "s", "m": "x", "b": {}}
+
+
+@pytest.mark.parametrize("data, why", [
+    (_raw([1, 2]), "not a map"),
+    (_raw({**GOOD_REQ, "v": 2}), "version"),
+    (_raw({**GOOD_REQ, "k": "boom"}), "kind"),
+    (_raw({k: v for k, v in GOOD_REQ.items() if k != "id"}), "'id'"),
+    (_raw({k: v for k, v in GOOD_REQ.items() if k != "dm"}), "'dm'"),
+    (_raw({**GOOD_REQ, "b": [1]}), "arguments"),
+    (_raw({**GOOD_REQ, "b": {1: 2}}), "undecodable"),          # strict_map_key
+    (_raw({**GOOD_REQ, "dl": "soon"}), "deadline"),
+    (_raw({**GOOD_REQ, "ds": "s" * 200}), "at most"),
+    (_raw({"v": 1, "k": "pub", "id": "1", "t": "x", "n": True, "b": 5}), "batched"),
+    (_raw({"v": 1, "k": "rep", "id": "1", "dm": "a", "ds": "b", "e": {"code": 1}}), "error reply"),
+    (_raw(GOOD_REQ)[:-3], "undecodable"),
+    (b"", "undecodable"),
+    (b"\xc1", "undecodable"),
+    (_raw(GOOD_REQ) + b"\x00", "undecodable"),                  # trailing bytes
+])
+def test_envelope_shape_errors(data, why):
+    with pytest.raises(ch.BadMessage) as err:
+        ch.unpack(data)
+    assert why in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_envelope_size_limits():
+    with pytest.raises(ch.BadMessage, match="exceeds"):
+        ch.unpack_raw(b"\x00" * (ch.MAX_FRAME + 1))
+    big_str = _raw({**GOOD_REQ, "b": {"s": "x" * (ch.MAX_STR + 1)}})
+    with pytest.raises(ch.BadMessage, match="undecodable"):
+        ch.unpack(big_str)
+    ok = _raw({**GOOD_REQ, "b": {"s": "x" * 1000}})
+    assert ch.unpack(ok).body == {"s": "x" * 1000}
+    with pytest.raises(ch.BadMessage, match="cannot encode"):
+        ch.pack(ch.event("t", object()))
