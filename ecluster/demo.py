@@ -360,12 +360,11 @@ class Demo:
 
     # -- building ----------------------------------------------------------------------------
     def prepare_workdir(self) -> None:
-        from node.datadir import DirLock
+        from node.datadir import DirLock, LockedError
         wd = self.plan.workdir
         wd.parent.mkdir(parents=True, exist_ok=True)
         # the lock file lives beside the work directory: it must outlive the directory's removal
         # (a lock file that is deleted while held lets a second demo lock a fresh one)
-        from node.datadir import LockedError
         lock = DirLock(lock_path(wd), f"ecluster demo (pid {os.getpid()})", kind="demo directory")
         try:
             lock.acquire()
@@ -711,7 +710,8 @@ def run(duration: float | None, workdir: Path, force_loopback: bool = False, kee
             signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not cut the clean-up short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             if demo.lock is not None:                      # else nothing was built
-                status = _clean_up(demo, out, workdir, keep)
+                # a failed set-up keeps its logs (the next demo in that directory removes them)
+                status = _clean_up(demo, out, workdir, keep or error is not None)
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, signal.default_int_handler)

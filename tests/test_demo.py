@@ -1,11 +1,14 @@
 """``ecluster demo``: the pure plan, then one whole run (namespace mode as root, else loopback)."""
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -84,6 +87,13 @@ def test_demo_runs_mail_flows_and_everything_is_removed():
         wait_until(lambda: "ecluster demo is running" in log.read_text() or demo.poll() is not None,
                    timeout=200, interval=0.5, what="the demo up")
         assert demo.poll() is None, log.read_text()[-3000:]
+
+        # the web console answers at the printed address (relayed from the host in namespace mode)
+        m = re.search(r"web console:\s+(http://\S+)", log.read_text())
+        if m:
+            jar = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+            with jar.open(m.group(1), timeout=10) as r:
+                assert r.status == 200 and b"<html" in r.read()
 
         # a second demo on the same directory refuses; `demo kill` kills one member
         p = subprocess.run([*CLI, "demo", "--dir", str(workdir)], capture_output=True, text=True, timeout=60)
