@@ -226,5 +226,6 @@ def test_python_m_cli_and_usage_errors():
     r = subprocess.run([*CLI, "service", "run"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert one_error_line(r.stderr).endswith("(see: ecluster service run --help)")
-    r = subprocess.run([*CLI, "demo"], capture_output=True, text=True, timeout=30)
+    r = subprocess.run([*CLI, "demo", "--help"], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0 and "make demo" in r.stdout
