@@ -32,6 +32,12 @@ Definitions (the same for both systems): failover = first probe answered by anot
 (tests/probe_analysis), so a clean move still shows the probe cadence (~5-10 ms);
 "outage" = keepalived's figure, the summed windows that contain failed probes (0 when no
 probe failed). p99 is the nearest-rank percentile (with 10 rounds it is the maximum).
+
+Where the time goes: every ecluster round also carries a breakdown read from the members'
+service logs (suspected / dead / assigned / plumbed, seconds after the event; for moves the
+"hole" between the old holder's unplumb and the new one's plumb), the probe's failed attempts
+by error, and every sampled instant with two holders with the scenario it fell in and how long
+that sampling pass took. ``ECL_KEEP=1`` keeps the labs' data dirs (logs) for a closer look.
 Everything the bench starts is stopped (by PID) and every namespace removed, also on Ctrl-C.
 """
 from __future__ import annotations
@@ -248,6 +254,7 @@ def system_summary(failover: list, failback_gap: list, failback_outage: list, mo
         "heal_still_unreachable": any(p.get("still_unreachable_at_end") for p in partitions),
         "isolation_holders_after_lapse": None if isolation is None else isolation.get("holders_after_lapse"),
         "isolation_owned_again_s": None if isolation is None else isolation.get("owned_again_s"),
+        "isolation_client_back_s": None if isolation is None else isolation.get("client_back_s"),
     }
 
 
@@ -283,8 +290,8 @@ def evaluate_targets(summaries: dict[str, dict]) -> list[dict]:
         z = s["isolation_holders_after_lapse"]
         add("holders in full isolation (after the leases lapse) = 0", f"ecluster {preset}", z, 0,
             z is not None and z == 0)
-        back = s["isolation_owned_again_s"]
-        add(f"owned again after isolation heal <= {TARGETS[limit_key]:.2f} s", f"ecluster {preset}",
+        back = s["isolation_client_back_s"]
+        add(f"client answered after isolation heal <= {TARGETS[limit_key]:.2f} s", f"ecluster {preset}",
             back, TARGETS[limit_key], back is not None and back <= TARGETS[limit_key])
     return out
 
@@ -319,9 +326,9 @@ def format_table(summaries: dict[str, dict], comps: list[dict], targets: list[di
     """The report: one row per system/preset, the ratios, the targets."""
     head = (f"{'system':<17}{'failover s: min':>16}{'median':>8}{'p99':>8}{'max':>8}"
             f"{'failback gap ms':>17}{'(outage)':>9}{'move gap ms':>13}"
-            f"{'holders':>9}{'heal cut s':>11}{'iso holders':>12}{'iso back s':>11}")
+            f"{'holders':>9}{'heal cut s':>11}{'iso holders':>12}{'iso back s':>14}")
     sub = (f"{'':<17}{'':>16}{'':>8}{'':>8}{'':>8}{'med / max':>17}{'max':>9}{'med / max':>13}"
-           f"{'(part.)':>9}{'(max)':>11}{'(lapsed)':>12}{'':>11}")
+           f"{'(part.)':>9}{'(max)':>11}{'(lapsed)':>12}{'client/coord':>14}")
     lines = [head, sub, "-" * len(head)]
     for name, s in summaries.items():
         fo, fb, fbo, mv = s["failover_s"], s["failback_gap_s"], s["failback_outage_s"], s["move_gap_s"]
@@ -333,10 +340,18 @@ def format_table(summaries: dict[str, dict], comps: list[dict], targets: list[di
             f"{(_f(mv.get('median'), 'ms') + ' / ' + _f(mv.get('max'), 'ms')) if mv['n'] else '-':>13}"
             f"{s['partition_max_holders'] if s['partition_max_holders'] is not None else '-':>9}{heal:>11}"
             f"{s['isolation_holders_after_lapse'] if s['isolation_holders_after_lapse'] is not None else '-':>12}"
-            f"{_f(s['isolation_owned_again_s']):>11}{miss}")
+            f"{(_f(s.get('isolation_client_back_s')) + '/' + _f(s['isolation_owned_again_s'])) if s['isolation_owned_again_s'] is not None else '-':>14}{miss}")
+    for name, s in summaries.items():
+        if s.get("double_holder_instants") is not None:
+            d = s.get("double_holder_samples") or []
+            detail = "; ".join(f"{x['members']} in '{x['phase']}', sampling pass {x['pass_ms']} ms" for x in d[:3])
+            lines.append(f"{name}: samples (every 10 ms, whole run) with two holders: {s['double_holder_instants']}"
+                         + (f" ({detail})" if detail else ""))
     lines.append("")
-    lines.append("heal cut s: longest client gap after the heal (ecluster); keepalived: summed outage "
-                 "after the heal (+ = still cut off when the script stopped probing)")
+    lines.append("failback gap: longest window between two answers while the VIP moves back (outage: summed "
+                 "windows with failed probes); heal cut s: longest client gap after the heal (ecluster),\n"
+                 "keepalived: summed outage after the heal (+ = still cut off when the script stopped probing); "
+                 "iso back: s after the heal until the client is answered / the coordinator reports it owned")
     for c in comps:
         lines.append(f"ecluster {c['ecluster']} / keepalived advert_int {c['keepalived_advert_int']}: "
                      f"failover median x{c['failover_median_ratio']}, p99 x{c['failover_p99_ratio']}, "
@@ -507,12 +522,26 @@ class Probe:
     proc: subprocess.Popen
     started: float
 
+    failures: list | None = None
+
     def stop(self):
-        """SIGTERM (probe.py then prints what it recorded); the analysis of its records."""
-        from vip_cluster import LabCluster
+        """SIGTERM (probe.py then prints what it recorded); the analysis of its records.
+        The failed attempts with their error ("timeout", "refused", ...) go to ``failures``."""
+        from probe_analysis import analyze, parse_lines
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return LabCluster.probe_result(self.proc, timeout=30)
+        out, _ = self.proc.communicate(timeout=30)
+        text = out.decode(errors="replace")
+        self.failures = [(r["t0"], r["t1"], r.get("err")) for r in parse_jsonl(text) if not r.get("who")]
+        return analyze(parse_lines(text))
+
+    def errors(self, a: float, b: float | None = None) -> dict[str, int]:
+        """How many attempts started in [a, b] failed, by error."""
+        out: dict[str, int] = {}
+        for t0, _, err in self.failures or []:
+            if t0 >= a and (b is None or t0 <= b):
+                out[str(err)] = out.get(str(err), 0) + 1
+        return out
 
 
 class EclusterBench:
@@ -520,6 +549,25 @@ class EclusterBench:
 
     def __init__(self, lc, sampler):
         self.lc, self.sampler = lc, sampler
+        self.phases: list[tuple[float, str]] = []     # (start, scenario), to place sampled events
+
+    def phase(self, label: str) -> None:
+        self.phases.append((time.time(), label))
+
+    def double_holders(self) -> list[dict]:
+        """Every sampled instant with two holders: when, who, in which scenario, and how long
+        that sampling pass took (a pass reads the members one after the other, so a move that
+        happens during a slow pass can show the old and the new holder together)."""
+        with self.sampler._lock:
+            pairs = list(zip(self.sampler.samples, self.sampler.pass_durations))
+        out = []
+        for (t, holders), took in pairs:
+            for vip, h in holders.items():
+                if len(h) > 1:
+                    label = next((lab for t0, lab in reversed(self.phases) if t0 <= t), None)
+                    out.append({"t": round(t, 3), "vip": vip, "members": h, "pass_ms": round(took * 1000, 1),
+                                "phase": label})
+        return out
 
     def probe(self) -> Probe:
         # long enough for any scenario; stopped explicitly
@@ -591,11 +639,21 @@ class EclusterBench:
         new = a.first_answer_by_other(t_kill, "n1")
         row = {"coordinator_killed": coord == "n1", "failover_s": None if fo is None else round(fo, 4),
                "new_owner": new.who if new else None,
-               "failed_probes": a.failed_attempts(t_kill, t_kill + 30)}
+               "failed_probes": p.errors(t_kill)}
+        row["breakdown"] = failover_breakdown(self.events(t_kill), t_kill, "n1", VIP)
+        try:
+            row.update(self.failback(t_kill))
+        except Exception as e:  # noqa: BLE001 - the failover figure stands; the failback is lost
+            row["failback_error"] = f"{type(e).__name__}: {e}"
+        return row
 
+    def failback(self, t_kill: float) -> dict:
+        """n1 returns (fresh network configuration, then its member): the move back to it."""
+        lc = self.lc
         holder = self.owner()
         p = self.probe()
         self.client_on(p, None)
+        self.phase((self.phases[-1][1] if self.phases else "") + " / failback")
         t_back = lc.revive_member("n1")
         lc.wait_settled(timeout=40, expect={VIP: "n1"})
         self.client_on(p, "n1")
@@ -604,13 +662,12 @@ class EclusterBench:
         a = p.stop()
         back = next((x for x in a.attempts if x.t0 >= t_back and x.who == "n1"), None)
         gap = a.longest_gap(t_back, done + TRAIL_S)
-        row["breakdown"] = failover_breakdown(self.events(t_kill, t_back), t_kill, "n1", VIP)
-        row["failback_breakdown"] = move_breakdown(self.events(t_back, done), t_back, holder, "n1", VIP)
-        row.update(failback_gap_s=round(gap.length, 4),
-                   failback_outage_s=outage(a.attempts, t_back)[0],
-                   failback_s=None if back is None else round(back.t1 - t_back, 3),
-                   failback_sequence=a.who_sequence(t_back))
-        return row
+        return {"failback_breakdown": move_breakdown(self.events(t_back, done), t_back, holder, "n1", VIP),
+                "failback_gap_s": round(gap.length, 4),
+                "failback_outage_s": outage(a.attempts, t_back)[0],
+                "failback_s": None if back is None else round(back.t1 - t_back, 3),
+                "failback_failed_probes": p.errors(t_back),
+                "failback_sequence": a.who_sequence(t_back)}
 
     def move_round(self, target: str) -> dict:
         """A graceful ``election.move`` to ``target``; the longest client gap."""
@@ -630,6 +687,7 @@ class EclusterBench:
                 "breakdown": move_breakdown(self.events(t0, done), t0, before, target, VIP),
                 "gap_s": round(a.longest_gap(t0, done + TRAIL_S).length, 4),
                 "outage_s": outage(a.attempts, t0)[0],
+                "failed_probes": p.errors(t0),
                 "moved_s": None if first is None else round(first.t1 - t0, 3),
                 "sequence": a.who_sequence(t0)}
 
@@ -643,6 +701,7 @@ class EclusterBench:
         time.sleep(HOLD_S)            # the partition lasts HOLD_S (a scenario length, not a wait)
         lc.wait_settled(timeout=20)
         taken_by = self.owner()
+        self.phase("partition / heal")
         t_heal = time.time()
         lc.lab.heal()
         lc.wait_settled(timeout=40, expect={VIP: "n1"})
@@ -660,6 +719,9 @@ class EclusterBench:
                 "client_failover_s": None if fo is None else round(fo, 4),
                 "heal_cutoff_s": round(a.longest_gap(t_heal, done + TRAIL_S).length, 4),
                 "heal_outage_s": outage(a.attempts, t_heal)[0],
+                "heal_failed_probes": p.errors(t_heal),
+                "cut_breakdown": failover_breakdown(self.events(t_cut, t_heal), t_cut, "n1", VIP),
+                "heal_breakdown": move_breakdown(self.events(t_heal, done), t_heal, taken_by, "n1", VIP),
                 "after_heal_sequence": a.who_sequence(t_heal),
                 "still_unreachable_at_end": False}
 
@@ -671,6 +733,7 @@ class EclusterBench:
         t_iso = time.time()
         lc.lab.isolate_all()
         time.sleep(HOLD_S)
+        self.phase("isolation / heal")
         t_heal = time.time()
         lc.lab.heal()
         lc.wait_settled(timeout=40)
@@ -681,7 +744,14 @@ class EclusterBench:
         samples = self.sampler.snapshot()
         lapsed = first_time(samples, VIP, t_iso, lambda n: n == 0)
         first = next((x for x in a.attempts if x.t0 >= t_heal and x.who is not None), None)
-        return {"holders_during": max_in_window(samples, VIP, t_iso, t_heal),
+        ev = self.events(t_heal, t_owned + 1)
+        return {"heal_breakdown": {
+                    "plumbed_s": _first(ev, t_heal, lambda m, s, x: s == "vip" and x.startswith(f"{VIP}/")
+                                        and "plumbed on" in x),
+                    "coordinator_s": _first(ev, t_heal, lambda m, s, x: s == "election"
+                                            and x.startswith("coordinator for term")),
+                    "candidacies": sum(1 for e in ev if e[2] == "election" and e[3].startswith("standing for"))},
+                "heal_failed_probes": p.errors(t_heal),"holders_during": max_in_window(samples, VIP, t_iso, t_heal),
                 "lapsed_after_s": None if lapsed is None else round(lapsed - t_iso, 3),
                 "holders_after_lapse": None if lapsed is None or lapsed > t_heal
                 else max_in_window(samples, VIP, lapsed, t_heal),
@@ -705,6 +775,7 @@ def bench_ecluster(preset: str, rounds: int) -> dict:
         t_start = time.time()
 
         def attempt(kind: str, fn, *args):
+            b.phase(f"{kind} {args[0] if args else ''}".strip())
             try:
                 b.restore()
                 return fn(*args)
@@ -714,18 +785,20 @@ def bench_ecluster(preset: str, rounds: int) -> dict:
                 return None
 
         for r in range(1, rounds + 1):
-            row = attempt("failover", b.failover_round)
+            row = attempt(f"round {r}: failover", b.failover_round)
             if row is not None:
                 row["round"] = r
                 res["failover_rounds"].append(row)
                 log(f"  ecluster {preset} round {r}: failover {row['failover_s']} s -> {row['new_owner']}"
-                    f"{' (coordinator killed)' if row['coordinator_killed'] else ''}, failback gap "
-                    f"{row['failback_gap_s'] * 1000:.0f} ms (outage {row['failback_outage_s'] * 1000:.0f} ms), "
-                    f"back after {row['failback_s']} s")
+                    f"{' (coordinator killed)' if row['coordinator_killed'] else ''}, " + (
+                        f"failback gap {row['failback_gap_s'] * 1000:.0f} ms (outage "
+                        f"{row['failback_outage_s'] * 1000:.0f} ms), back after {row['failback_s']} s"
+                        if "failback_gap_s" in row else f"failback failed: {row.get('failback_error')}"))
         b.restore()
         targets = ["n2", "n3", "n1"]
         for r in range(rounds):
             row = None
+            b.phase(f"move {r + 1} to {targets[r % 3]}")
             try:
                 row = b.move_round(targets[r % 3])
             except Exception as e:  # noqa: BLE001
@@ -755,7 +828,8 @@ def bench_ecluster(preset: str, rounds: int) -> dict:
         except Exception as e:  # noqa: BLE001
             res["errors"].append(f"final restore: {e}")
         sampler.stop()
-        res["double_holder_instants"] = len(sampler.double_holder_instants())
+        res["double_holder_samples"] = b.double_holders()
+        res["double_holder_instants"] = len(res["double_holder_samples"])
         res["max_holders_whole_run"] = sampler.max_holders(VIP)
         res["sampler_pass"] = sampler.pass_stats()
         res["span_s"] = round(time.time() - t_start, 1)
@@ -764,10 +838,11 @@ def bench_ecluster(preset: str, rounds: int) -> dict:
     fr, mr = res["failover_rounds"], res["move_rounds"]
     parts = [res["partition"]] if res.get("partition") else []
     res["summary"] = system_summary(
-        [r["failover_s"] for r in fr] + [None] * sum(1 for e in res["errors"] if e.startswith("failover")),
-        [r["failback_gap_s"] for r in fr], [r["failback_outage_s"] for r in fr],
+        [r["failover_s"] for r in fr] + [None] * sum(1 for e in res["errors"] if ": failover:" in e),
+        [r.get("failback_gap_s") for r in fr], [r.get("failback_outage_s") for r in fr],
         [r["gap_s"] for r in mr], parts, res.get("isolation"))
     res["summary"]["double_holder_instants"] = res.get("double_holder_instants")
+    res["summary"]["double_holder_samples"] = res.get("double_holder_samples", [])[:20]
     return res
 
 

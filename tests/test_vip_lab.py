@@ -52,7 +52,7 @@ def window(lc):
         if name not in lc.member_procs:
             lc.revive_member(name)
     lc.lab.heal()
-    lc.wait_settled(timeout=30, expect={VIP: "n1"})
+    lc.wait_settled(timeout=60, expect={VIP: "n1"})
     start = time.time()
     yield start
     end = time.time()

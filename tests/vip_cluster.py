@@ -102,7 +102,7 @@ class LabCluster:
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for name in self.names:
                 self.start_member(name)
-            self.wait_settled(timeout=30)
+            self.wait_settled(timeout=120)     # ~40 Python processes start on 2 cores
         except BaseException:
             self.close()
             raise
