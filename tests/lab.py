@@ -19,6 +19,7 @@ processes inside a namespace (:meth:`Lab.popen`).
 from __future__ import annotations
 
 import atexit
+import bisect
 import errno
 import ipaddress
 import os
@@ -708,6 +709,7 @@ class AddressSampler:
     interval: float = 0.01
     samples: list[tuple[float, dict[str, list[int]]]] = field(default_factory=list)
     pass_durations: list[float] = field(default_factory=list)
+    reads: list[tuple[float, int, frozenset]] = field(default_factory=list)   # (t, member, VIPs held)
     error: BaseException | None = None
 
     def __post_init__(self):
@@ -758,18 +760,21 @@ class AddressSampler:
         start = time.perf_counter()
         t = time.time()
         holders: dict[str, list[int]] = {v: [] for v in self.vips}
+        reads = []
         for i, ipr, eth0 in handles:
             # An address on a link that is down answers no ARP and takes no traffic: it is
             # not held (a killed node whose link was downed keeps its addresses configured).
-            if not _link_up(ipr, eth0):
-                continue
-            present = _ipv4_addresses(ipr, eth0)
-            for v in self.vips:
-                if v in present:
-                    holders[v].append(i)
+            held: frozenset[str] = frozenset()
+            if _link_up(ipr, eth0):
+                present = _ipv4_addresses(ipr, eth0)
+                held = frozenset(v for v in self.vips if v in present)
+            reads.append((time.time(), i, held))
+            for v in held:
+                holders[v].append(i)
         elapsed = time.perf_counter() - start
         with self._lock:
             self.samples.append((t, holders))
+            self.reads.extend(reads)
             self.pass_durations.append(elapsed)
 
     def _halt(self) -> None:
@@ -789,14 +794,43 @@ class AddressSampler:
             return [(t, {v: list(h) for v, h in d.items()}) for t, d in self.samples]
 
     def max_holders(self, vip: str) -> int:
-        """Largest number of members that held `vip` at the same sampled instant."""
+        """Largest number of members that held `vip` at the same instant (see double_holder_instants)."""
         if vip not in self.vips:
             raise LabError(f"{vip!r} is not sampled (sampling {self.vips})")
-        return max((len(d[vip]) for _, d in self.snapshot()), default=0)
+        return max((len(h) for _, v, h in self._overlaps() if v == vip), default=1 if any(
+            d[vip] for _, d in self.snapshot()) else 0)
 
     def double_holder_instants(self) -> list[tuple[float, str, list[int]]]:
-        """Every (t, vip, holders) where more than one member held the same VIP."""
-        return [(t, v, h) for t, d in self.snapshot() for v, h in d.items() if len(h) > 1]
+        """Every (t, vip, holders) where more than one member held the same VIP at time t.
+
+        One pass reads the namespaces one after another, and under load a pass can take
+        tens of milliseconds, so two reads of one pass are not one instant. Member j's read
+        at time z showing the VIP counts as a double hold with member i only when i's reads
+        just before *and* just after z both show it too (i held it across z).
+        """
+        return [(t, v, h) for t, v, h in self._overlaps() if len(h) > 1]
+
+    def _overlaps(self) -> list[tuple[float, str, list[int]]]:
+        with self._lock:
+            reads = list(self.reads)
+        by_member: dict[int, list[tuple[float, frozenset]]] = {}
+        for t, i, held in reads:
+            by_member.setdefault(i, []).append((t, held))
+        times = {i: [t for t, _ in seq] for i, seq in by_member.items()}
+        out = []
+        for z, j, held in reads:
+            for v in held:
+                holders = [j]
+                for i, seq in by_member.items():
+                    if i == j:
+                        continue
+                    k = bisect.bisect_right(times[i], z)
+                    before = seq[k - 1] if k else None
+                    after = seq[k] if k < len(seq) else None
+                    if before and after and v in before[1] and v in after[1]:
+                        holders.append(i)
+                out.append((z, v, sorted(holders)))
+        return out
 
     def holders_at(self, t: float) -> dict[str, list[int]] | None:
         """The latest sample taken at or before `t` (time.time() scale), or None."""

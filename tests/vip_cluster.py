@@ -184,8 +184,14 @@ class LabCluster:
                     continue
                 if st["role"] == "leader":
                     leaders.append(st)
-            return leaders[0] if len(leaders) == 1 else None
-        return wait_for(one, 15, what="a single coordinator")
+            if not leaders:
+                return None
+            # a deposed coordinator cut off in a minority may still think it leads for a
+            # moment; the coordinator is the one of the highest term (one per term)
+            top = max(s["term"] for s in leaders)
+            best = [s for s in leaders if s["term"] == top]
+            return best[0] if len(best) == 1 else None
+        return wait_for(one, 20, what="a coordinator")
 
     def vip_rows(self) -> list[dict]:
         return self.leader_status()["vips"]

@@ -59,6 +59,8 @@
  *   -DMUTANT_RENEW    a holder may renew while a successor exists
  *   -DMUTANT_NOHANDOVER  successor promises count without the holder's confirmation
  *   -DMUTANT_SHORT    voters promise for PV = L (no margin)
+ * -DNO_CRASHES and -DNO_ORPHANS leave those events out: a smaller space, for finding short
+ * counterexamples with a breadth-first search (-DBFS) and for the quick test.
  * ====================================================================================== */
 
 #ifdef ASIS
@@ -172,14 +174,18 @@ inline promote(v) {
 #endif
 #define PROMISE(n, v) \
        if \
-       :: ans = R_NO \
-       :: vwait[v] > 0 -> ans = R_NO \
+       :: ans = R_NO; printf("V%d refuses %c: its assignment names another node\n", v, 'A' + n) \
+       :: vwait[v] > 0 -> ans = R_NO; printf("V%d refuses %c: restarting\n", v, 'A' + n) \
        :: vwait[v] == 0 -> \
           if \
-          :: cur[v] == NOBODY -> cur[v] = n; curt[v] = PV; ans = R_CUR \
-          :: cur[v] == (n) && RENEW_PAST_SUCCESSOR(v) -> ans = R_NO \
-          :: cur[v] == (n) && !RENEW_PAST_SUCCESSOR(v) -> curt[v] = PV; ans = R_CUR \
-          :: cur[v] == OTHER(n) -> suc[v] = n; suct[v] = PV; ans = R_SUCC \
+          :: cur[v] == NOBODY -> cur[v] = n; curt[v] = PV; ans = R_CUR; \
+             printf("V%d promises to %c (current, %d ticks)\n", v, 'A' + n, PV) \
+          :: cur[v] == (n) && RENEW_PAST_SUCCESSOR(v) -> ans = R_NO; \
+             printf("V%d refuses %c: being handed over\n", v, 'A' + n) \
+          :: cur[v] == (n) && !RENEW_PAST_SUCCESSOR(v) -> curt[v] = PV; ans = R_CUR; \
+             printf("V%d renews %c's promise (%d ticks)\n", v, 'A' + n, PV) \
+          :: cur[v] == OTHER(n) -> suc[v] = n; suct[v] = PV; ans = R_SUCC; \
+             printf("V%d promises to %c after %c (successor, %d ticks)\n", v, 'A' + n, 'A' + OTHER(n), PV) \
           fi \
        fi
 
@@ -210,11 +216,12 @@ inline promote(v) {
    sent earlier on the same connection is delivered (or lost) first. ---- */
 #define NODE_REQ(n, v) \
   :: atomic { MINE(n) && !rel[I(n, v)] -> \
+       printf("%c asks V%d for a promise\n", 'A' + n, v); \
        PROMISE(n, v); \
        if \
-       :: TAKE(n, v, L) \
-       :: TAKE(n, v, 0) \
-       :: skip \
+       :: printf("  reply reaches %c in time (counts %d ticks)\n", 'A' + n, L); TAKE(n, v, L) \
+       :: printf("  reply reaches %c late (counts nothing)\n", 'A' + n); TAKE(n, v, 0) \
+       :: printf("  reply lost\n") \
        fi; \
        ans = 0 }
 
@@ -222,12 +229,14 @@ inline promote(v) {
    since timed it out, fenced, restarted or stopped wanting). Any time. ---- */
 #define ORPHAN_REQ(n, v) \
   :: atomic { vwait[v] == 0 && (cur[v] == NOBODY || cur[v] == (n) && suc[v] == NOBODY || cur[v] == OTHER(n) && suc[v] != (n)) -> \
+       printf("an old request of %c reaches V%d (%c will ignore the reply)\n", 'A' + n, v, 'A' + n); \
        PROMISE(n, v); \
        ans = 0 }
 
 /* ---- voter v receives node n's release: rpc_release ---- */
 #define VOTER_REL(n, v) \
   :: d_step { rel[I(n, v)] -> \
+       printf("V%d gets %c's release\n", v, 'A' + n); \
        if \
        :: cur[v] == (n) -> cur[v] = NOBODY; curt[v] = 0; promote(v) \
        :: else \
@@ -239,7 +248,7 @@ inline promote(v) {
        rel[I(n, v)] = 0 }
 
 #define REL_LOST(n, v) \
-  :: d_step { rel[I(n, v)] -> rel[I(n, v)] = 0 }
+  :: d_step { rel[I(n, v)] -> rel[I(n, v)] = 0; printf("%c's release to V%d is lost\n", 'A' + n, v) }
 
 /* ---- handover: node n asks the other node h to confirm it does not hold the VIP ----
    h answers once the address is off its interface (rpc_handover waits); with the fence
@@ -262,6 +271,7 @@ inline promote(v) {
 #endif
 #define HANDOVER(n) \
   :: d_step { MINE(n) && WANTS_HANDOVER(n) && nalive[OTHER(n)] && !plumbed[OTHER(n)] -> \
+       printf("%c asks %c for the handover: %c does not hold the address, confirms\n", 'A' + n, 'A' + OTHER(n), 'A' + OTHER(n)); \
        HOLDER_FENCE(OTHER(n)); CONFIRM(n) }
 
 /* ---- node n plumbs: _evaluate with a majority. The ARP probe and the plumb are one
@@ -271,11 +281,13 @@ inline promote(v) {
 #define NODE_PLUMB(n) \
   :: d_step { MINE(n) && !plumbed[n] && QUORUM(n) && (NO_PROBE(n) || nalive[OTHER(n)] || !plumbed[OTHER(n)]) -> \
        plumbed[n] = 1; \
+       printf("%c PLUMBS the address (promises from V0 V1 V2: %d %d %d ticks)\n", 'A' + n, cnt[I(n, 0)], cnt[I(n, 1)], cnt[I(n, 2)]); \
        assert(!(plumbed[0] && plumbed[1])) }
 
 /* ---- the expiry timer ---- */
 #define NODE_LAPSE(n) \
-  :: d_step { nalive[n] && plumbed[n] && !QUORUM(n) -> lapse(n) }
+  :: d_step { nalive[n] && plumbed[n] && !QUORUM(n) -> \
+       printf("%c's lease lapsed: unplumbs, releases everywhere\n", 'A' + n); lapse(n) }
 
 /* ---- n's latest assignment changes: _take_assignment ---- */
 #ifdef EPOCH_CONFIRM
@@ -287,27 +299,30 @@ inline promote(v) {
   :: d_step { nalive[n] -> \
        if \
        :: mine[n] -> \
+          printf("%c's assignment now names the other node: unplumb, release\n", 'A' + n); \
           mine[n] = 0; plumbed[n] = 0; release_all(n); forget_promises(n); NEW_EPOCH(n) \
        :: else -> \
+          printf("%c's assignment now names %c\n", 'A' + n, 'A' + n); \
           mine[n] = 1; NEW_EPOCH(n) \
        fi }
 
 /* ---- crashes ---- */
 #define VOTER_CRASH(v) \
   :: d_step { vwait[v] < PV -> \
+       printf("V%d crashes and restarts (forgets its promises)\n", v); \
        cur[v] = NOBODY; curt[v] = 0; suc[v] = NOBODY; suct[v] = 0; vwait[v] = PV }
 
 /* the vip service dies: the address stays (kill -9, or the machine's processes die) */
 #define NODE_CRASH(n) \
-  :: d_step { nalive[n] -> nalive[n] = 0; mine[n] = 0; conf[n] = 0; forget_promises(n) }
+  :: d_step { nalive[n] -> printf("%c's vip service crashes (the address stays)\n", 'A' + n); nalive[n] = 0; mine[n] = 0; conf[n] = 0; forget_promises(n) }
 
 /* the vip service starts again: handle_init removes the address it finds */
 #define NODE_RESTART(n) \
-  :: d_step { !nalive[n] -> nalive[n] = 1; plumbed[n] = 0 }
+  :: d_step { !nalive[n] -> printf("%c's vip service restarts, removes the address\n", 'A' + n); nalive[n] = 1; plumbed[n] = 0 }
 
 /* the kernel drops a dead node's address when its valid_lft runs out */
 #define KERNEL_EXPIRY(n) \
-  :: d_step { !nalive[n] && plumbed[n] -> plumbed[n] = 0 }
+  :: d_step { !nalive[n] && plumbed[n] -> printf("the kernel drops %c's address\n", 'A' + n); plumbed[n] = 0 }
 
 /* ---- time ---- */
 #define DEC(x) if :: x > 0 -> x-- :: else fi
@@ -336,20 +351,24 @@ init {
   };
   do
   /* time passes; a holder whose count ran out must have unplumbed (its timer's margin) */
-  :: d_step { !HOLDER_LATE(0) && !HOLDER_LATE(1) -> tick() }
+  :: d_step { !HOLDER_LATE(0) && !HOLDER_LATE(1) -> printf("--- tick\n"); tick() }
 
   NODE_REQ(0, 0) NODE_REQ(0, 1) NODE_REQ(0, 2) NODE_REQ(1, 0) NODE_REQ(1, 1) NODE_REQ(1, 2)
+#ifndef NO_ORPHANS
   ORPHAN_REQ(0, 0) ORPHAN_REQ(0, 1) ORPHAN_REQ(0, 2) ORPHAN_REQ(1, 0) ORPHAN_REQ(1, 1) ORPHAN_REQ(1, 2)
+#endif
   VOTER_REL(0, 0) VOTER_REL(0, 1) VOTER_REL(0, 2) VOTER_REL(1, 0) VOTER_REL(1, 1) VOTER_REL(1, 2)
   REL_LOST(0, 0) REL_LOST(0, 1) REL_LOST(0, 2) REL_LOST(1, 0) REL_LOST(1, 1) REL_LOST(1, 2)
   HANDOVER(0) HANDOVER(1)
   NODE_PLUMB(0) NODE_PLUMB(1)
   NODE_LAPSE(0) NODE_LAPSE(1)
   NODE_VIEW(0) NODE_VIEW(1)
+#ifndef NO_CRASHES
   VOTER_CRASH(0) VOTER_CRASH(1) VOTER_CRASH(2)
   NODE_CRASH(0) NODE_CRASH(1)
   NODE_RESTART(0) NODE_RESTART(1)
   KERNEL_EXPIRY(0) KERNEL_EXPIRY(1)
+#endif
   od
 }
 
