@@ -203,3 +203,12 @@ def test_vip_service_killed_is_restarted_and_reacquires(lc, window):
     lc.wait_settled(15)
     st = lc.call(owner_of(lc), "vip", "status")
     assert VIP in st["held"]
+
+
+def test_status_json_shows_states_coordinator_and_term(lc, window):
+    import json
+    r = cli(lc, "status", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["coordinator"] in lc.names and rep["term"] >= 1
+    assert {m["name"]: m["state"] for m in rep["members"]} == {n: "alive" for n in lc.names}

@@ -47,7 +47,28 @@ def ask(cluster, name: str, timeout: float) -> dict[str, Any]:
             ctl, err = c.call(name, "control", "status", timeout=timeout), None
         except BusError as e:
             ctl, err = None, str(e)
-    return status_report(cluster, name, bus_status, ctl, err)
+        try:
+            election = c.call(name, "election", "status", timeout=timeout)
+        except BusError:
+            election = None
+    return add_election(status_report(cluster, name, bus_status, ctl, err), election)
+
+
+def add_election(rep: dict[str, Any], election: dict | None) -> dict[str, Any]:
+    """Fold the member's election status (coordinator, term, membership states) in. Pure."""
+    if election is None:
+        rep.update(coordinator=None, term=None, role=None)
+        for m in rep["members"]:
+            m["state"] = "unknown"
+        return rep
+    view = (election.get("view") or {}).get("members") or {}
+    rep.update(coordinator=election.get("leader"), term=election.get("term"), role=election.get("role"),
+               view_number=(election.get("view") or {}).get("number"))
+    for m in rep["members"]:
+        info = view.get(m["name"]) or {}
+        m["state"] = info.get("state", "unknown")
+        m["incarnation"] = info.get("inc")
+    return rep
 
 
 def status(config: ConfigOpt = None, member: OptionalMemberOpt = None, json_: JsonOpt = False,
@@ -82,13 +103,18 @@ def show(rep: dict[str, Any]) -> None:
     from rich.table import Table
     colour = {"self": "cyan", "up": "green", "down": "red", "never": "yellow"}
     t = Table(title=f"cluster {rep['cluster']}, as seen by {rep['answered_by']}")
-    for col in ("member", "role", "address", "link", "heard ago"):
+    for col in ("member", "role", "address", "state", "link", "heard ago"):
         t.add_column(col)
+    states = {"alive": "green", "suspect": "yellow", "dead": "red", "unknown": "white"}
     for m in rep["members"]:
         heard = "" if m["heard_ago"] is None else f"{m['heard_ago']:.2f} s"
-        t.add_row(m["name"], m["role"], m["address"], f"[{colour[m['link']]}]{m['link']}[/]", heard)
+        coord = " (coordinator)" if m["name"] == rep.get("coordinator") else ""
+        st = m.get("state", "unknown")
+        t.add_row(m["name"] + coord, m["role"], m["address"], f"[{states.get(st, 'white')}]{st}[/]",
+                  f"[{colour[m['link']]}]{m['link']}[/]", heard)
     console = Console()
     console.print(t)
+    console.print(f"coordinator {rep.get('coordinator') or 'none'}, term {rep.get('term')}")
     b = rep["broker"]
     console.print(f"broker pid {b['pid']}, up {b['uptime']} s, counters {b['counters']}")
     if rep["control"] is not None:
