@@ -81,6 +81,9 @@ class VipService(Service):
         self.confirmed: dict[str, set[str]] = {k: set() for k in self.specs}   # handovers confirmed
         self.epoch: dict[str, int] = {k: 0 for k in self.specs}               # bumps when we start wanting
         self.handover_in_flight: set[tuple[str, str]] = set()
+        # Once we confirm a handover or release at the voters, promises obtained by requests
+        # sent before that moment must never count again (found by the Promela model).
+        self.fence: dict[str, float] = {k: 0.0 for k in self.specs}
         self.assignment: dict = {"term": -1, "seq": -1, "owners": {}}
         self.in_flight: set[str] = set()
         self.timers: dict[str, asyncio.TimerHandle] = {}
@@ -179,8 +182,7 @@ class VipService(Service):
                 self._drive(key, Event.RELEASE_ORDERED)
                 released.append(key)
             if key not in after:
-                self.promises[key].clear()
-                self.confirmed[key].clear()
+                self._fence(key)
                 self.epoch[key] += 1
             elif key not in before:
                 self.confirmed[key].clear()
@@ -223,6 +225,8 @@ class VipService(Service):
         for key, res in results.items():
             if key not in self.specs or not isinstance(res, dict) or key not in self.mine():
                 continue
+            if t_req < self.fence[key]:
+                continue          # asked before we released or confirmed a handover: void
             if res.get("granted"):
                 after = res.get("after") if isinstance(res.get("after"), str) else None
                 self.promises[key][voter] = (t_req + self.timing.lease, after)
@@ -267,7 +271,16 @@ class VipService(Service):
                 await asyncio.wait_for(ev.wait(), left)
             except asyncio.TimeoutError:
                 pass
+        # Not holding now, and we must not start to on promises we already have: the asker
+        # will count its successor promises from here on.
+        self._fence(key)
         return {"released": True, "vip": key}
+
+    def _fence(self, key: str) -> None:
+        """Forget every promise of ``key`` and void replies to requests sent before now."""
+        self.promises[key].clear()
+        self.confirmed[key].clear()
+        self.fence[key] = time.monotonic()
 
     def _quorum_until(self, key: str) -> float:
         """Monotonic instant until which a majority of promises is valid (0: none now)."""
@@ -298,6 +311,7 @@ class VipService(Service):
             self.counters["expired"] += 1
             self.log.warning("%s: lease lapsed (no majority of promises), unplumbing", key)
             self._drive(key, Event.LEASE_EXPIRED)
+            self._fence(key)
             self.loop.create_task(self._release_everywhere([key]))
 
     def _refresh_lifetime(self, key: str, now: float) -> None:

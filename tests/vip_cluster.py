@@ -136,7 +136,10 @@ class LabCluster:
         for v in self.vips:
             ip, prefix = v["address"].split("/")
             if ip in self.lab.addresses(self.index(name)):
-                self.lab.del_address(self.index(name), ip, int(prefix))
+                try:
+                    self.lab.del_address(self.index(name), ip, int(prefix))
+                except Exception:   # noqa: BLE001 - the kernel's own lifetime removed it meanwhile
+                    pass
         self.lab.link_up(self.index(name))
         t = time.time()
         if name.startswith("n") and not any(
