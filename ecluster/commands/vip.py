@@ -106,15 +106,18 @@ def vip_unpin(address: Annotated[str, typer.Argument(help="The VIP")], config: C
     typer.echo(f"{r['vip']} unpinned")
 
 
+def _set_drain(config, node: str, method: str) -> None:
+    r = ask_cluster(load(config), "election", method, node=node)
+    typer.echo(f"drained: {', '.join(r['drained']) or 'none'}")
+
+
 @node_app.command("drain")
 def node_drain(node: Annotated[str, typer.Argument(help="The node to drain")], config: ConfigOpt = None):
     """Move every VIP off a node and keep them off until `node undrain`.
 
     Example: ecluster node drain n2 -c cluster.toml
     """
-    cluster = load(config)
-    r = ask_cluster(cluster, "election", "drain", node=node)
-    typer.echo(f"drained: {', '.join(r['drained']) or 'none'}")
+    _set_drain(config, node, "drain")
 
 
 @node_app.command("undrain")
@@ -123,9 +126,7 @@ def node_undrain(node: Annotated[str, typer.Argument(help="The node to undrain")
 
     Example: ecluster node undrain n2 -c cluster.toml
     """
-    cluster = load(config)
-    r = ask_cluster(cluster, "election", "undrain", node=node)
-    typer.echo(f"drained: {', '.join(r['drained']) or 'none'}")
+    _set_drain(config, node, "undrain")
 
 
 def register(root: typer.Typer) -> None:
