@@ -345,9 +345,9 @@ def format_table(summaries: dict[str, dict], comps: list[dict], targets: list[di
     for name, s in summaries.items():
         if s.get("double_holder_instants") is not None:
             d = s.get("double_holder_samples") or []
-            detail = "; ".join(f"{x['members']} in '{x['phase']}', sampling pass {x['pass_ms']} ms" for x in d[:3])
-            lines.append(f"{name}: samples (every 10 ms, whole run) with two holders: {s['double_holder_instants']}"
-                         + (f" ({detail})" if detail else ""))
+            detail = "; ".join(f"members {x['members']} in '{x['phase']}'" for x in d[:3])
+            lines.append(f"{name}: instants with two holders (addresses read every 10 ms, whole run): "
+                         f"{s['double_holder_instants']}" + (f" ({detail})" if detail else ""))
     lines.append("")
     lines.append("failback gap: longest window between two answers while the VIP moves back (outage: summed "
                  "windows with failed probes); heal cut s: longest client gap after the heal (ecluster),\n"
@@ -555,20 +555,27 @@ class EclusterBench:
     def phase(self, label: str) -> None:
         self.phases.append((time.time(), label))
 
+    def label_at(self, t: float) -> str | None:
+        return next((lab for t0, lab in reversed(self.phases) if t0 <= t), None)
+
     def double_holders(self) -> list[dict]:
-        """Every sampled instant with two holders: when, who, in which scenario, and how long
-        that sampling pass took (a pass reads the members one after the other, so a move that
-        happens during a slow pass can show the old and the new holder together)."""
-        with self.sampler._lock:
-            pairs = list(zip(self.sampler.samples, self.sampler.pass_durations))
-        out = []
-        for (t, holders), took in pairs:
-            for vip, h in holders.items():
-                if len(h) > 1:
-                    label = next((lab for t0, lab in reversed(self.phases) if t0 <= t), None)
-                    out.append({"t": round(t, 3), "vip": vip, "members": h, "pass_ms": round(took * 1000, 1),
-                                "phase": label})
-        return out
+        """Every instant with two holders (AddressSampler.double_holder_instants: one member's
+        read shows the VIP while another's reads just before and just after it do too), with
+        the scenario it fell in."""
+        return [{"t": round(t, 3), "vip": vip, "members": h, "phase": self.label_at(t)}
+                for t, vip, h in self.sampler.double_holder_instants()]
+
+    def pass_level_doubles(self) -> int:
+        """Sampling passes that saw two holders. A pass reads the members one after the
+        other, so under load a move during a slow pass shows both: an upper bound only."""
+        return sum(1 for _, d in self.sampler.snapshot() for h in d.values() if len(h) > 1)
+
+    def max_holders(self, a: float, b: float) -> int:
+        """Most members holding the VIP at one instant within [a, b]."""
+        doubles = [len(h) for t, v, h in self.sampler.double_holder_instants() if a <= t <= b and v == VIP]
+        if doubles:
+            return max(doubles)
+        return max_in_window(self.sampler.snapshot(), VIP, a, b)
 
     def probe(self) -> Probe:
         # long enough for any scenario; stopped explicitly
@@ -713,8 +720,8 @@ class EclusterBench:
         samples = self.sampler.snapshot()
         n1_off = next((t for t, h in samples if t >= t_cut and 1 not in h.get(VIP, [])), None)
         fo = a.failover_s(t_cut, "n1")
-        return {"holders_during": max_in_window(samples, VIP, t_cut, t_heal),
-                "holders_after_heal": max_in_window(samples, VIP, t_heal, done),
+        return {"holders_during": self.max_holders(t_cut, t_heal),
+                "holders_after_heal": self.max_holders(t_heal, done),
                 "owner_fenced_s": None if n1_off is None else round(n1_off - t_cut, 3),
                 "taken_over_by": taken_by,
                 "client_failover_s": None if fo is None else round(fo, 4),
@@ -746,13 +753,14 @@ class EclusterBench:
         lapsed = first_time(samples, VIP, t_iso, lambda n: n == 0)
         first = next((x for x in a.attempts if x.t0 >= t_heal and x.who is not None), None)
         ev = self.events(t_heal, t_owned + 1)
-        return {"heal_breakdown": {
+        return {"holders_during_isolation": self.max_holders(t_iso, t_heal),
+                "heal_breakdown": {
                     "plumbed_s": _first(ev, t_heal, lambda m, s, x: s == "vip" and x.startswith(f"{VIP}/")
                                         and "plumbed on" in x),
                     "coordinator_s": _first(ev, t_heal, lambda m, s, x: s == "election"
                                             and x.startswith("coordinator for term")),
                     "candidacies": sum(1 for e in ev if e[2] == "election" and e[3].startswith("standing for"))},
-                "heal_failed_probes": p.errors(t_heal),"holders_during": max_in_window(samples, VIP, t_iso, t_heal),
+                "heal_failed_probes": p.errors(t_heal),
                 "lapsed_after_s": None if lapsed is None else round(lapsed - t_iso, 3),
                 "holders_after_lapse": None if lapsed is None or lapsed > t_heal
                 else max_in_window(samples, VIP, lapsed, t_heal),
@@ -835,6 +843,7 @@ def bench_ecluster(preset: str, rounds: int) -> dict:
         sampler.stop()
         res["double_holder_samples"] = b.double_holders()
         res["double_holder_instants"] = len(res["double_holder_samples"])
+        res["pass_level_doubles"] = b.pass_level_doubles()
         res["max_holders_whole_run"] = sampler.max_holders(VIP)
         res["sampler_pass"] = sampler.pass_stats()
         res["span_s"] = round(time.time() - t_start, 1)
@@ -848,6 +857,7 @@ def bench_ecluster(preset: str, rounds: int) -> dict:
         [r["gap_s"] for r in mr], parts, res.get("isolation"))
     res["summary"]["double_holder_instants"] = res.get("double_holder_instants")
     res["summary"]["double_holder_samples"] = res.get("double_holder_samples", [])[:20]
+    res["summary"]["pass_level_doubles"] = res.get("pass_level_doubles")
     return res
 
 

@@ -6,7 +6,7 @@ Sockets::
     local  PUB     ipc://<run>/events.ipc   events to local subscribers (SUB)
     tcp    ROUTER  tcp://addr:bus_port      CURVE server: peer brokers and admin clients
     tcp    PUB     tcp://addr:pub_port      CURVE server: events to peer brokers
-    per peer DEALER -> peer's tcp ROUTER    CURVE client, IMMEDIATE
+    per peer DEALER -> peer's tcp ROUTER    CURVE client, IMMEDIATE (a relinked one: see below)
     per peer SUB    -> peer's tcp PUB       CURVE client, subscribed to everything
 
 Routing rules (pure: :func:`route`):
@@ -21,7 +21,24 @@ Trust: ipc clients are local processes behind a 0700 run directory; the broker s
 their member name into ``src``. On the tcp ROUTER, ZAP has authenticated the key; a peer
 broker's messages must carry its own name in ``src`` (else dropped as spoofed); any other
 key (the admin CLI) may only send req/cast and is treated as a client of this member.
-Malformed frames are counted and dropped; nothing a peer sends can stop the loop.
+Messages of a connection whose key has left the key directory since it connected are
+refused. Malformed frames are counted and dropped; nothing a peer sends can stop the loop.
+
+Key rotation without downtime (``ecluster keys rotate``; the bus methods below):
+  * ``bus.reload_keys``  ZAP re-reads the key directory (old, current and staged keys of
+    a name are all that name's keys).
+  * ``bus.relink(peer, public=None)``  re-create the link to ``peer`` with one of its
+    public keys (default: the one in ``<peer>.key``): the old DEALER is closed with a
+    linger (what it holds still goes out), the new one queues (no IMMEDIATE) until its
+    handshake succeeds, so calls made while ``peer`` switches wait instead of failing.
+    Such a link reports its state through a socket monitor; once connected, or after a
+    grace period, it fails fast again like an IMMEDIATE one when the peer is gone. Its
+    SUB is replaced at once (a few milliseconds of that peer's events may be lost:
+    PUB/SUB never promised them).
+  * ``bus.switch_keys(staged=False)``  answers, then takes this member's pair anew from
+    ``<me>.key_secret`` (or the staged ``<me>.next.key_secret``): rebinds both tcp
+    sockets with it (this drops their inbound connections; peers relinked beforehand
+    reconnect within milliseconds) and relinks every outgoing link with it.
 """
 from __future__ import annotations
 
@@ -34,6 +51,7 @@ from pathlib import Path
 
 import msgpack
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from bus import envelope as ch
 from bus import keys as keymod
@@ -46,6 +64,13 @@ BUS_SERVICE = "bus"          # the broker answers calls addressed to this servic
 HB_TOPIC = b"$hb"             # broker-to-broker heartbeat, never delivered to services
 EXTERNAL_PREFIX = "x:"        # client ids of admin clients on the tcp ROUTER
 MAX_IPC_PATH = 100            # AF_UNIX sun_path is 108 bytes; keep a margin
+RELINK_GRACE = 5.0            # s a relinked link queues calls while its peer switches keys
+RELINK_RECONNECT_MS = 10      # a relinked socket retries fast: its peer is switching right now
+SWITCH_AFTER = 0.1            # s between answering bus.switch_keys and rebinding (reply goes out)
+REBIND_TIMEOUT = 2.0          # s to get the port back after an unbind
+MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 class BrokerError(RuntimeError):
@@ -69,11 +94,21 @@ class Counters:
 
 @dataclass
 class PeerLink:
+    """The sockets to one peer. A relinked link (key rotation) has a ``monitor`` and queues
+    until ``connected`` (or ``grace_until``); a first link relies on IMMEDIATE instead."""
+
     name: str
     dealer: zmq.Socket
     sub: zmq.Socket
     last_heard: float = 0.0
     events: int = 0
+    monitor: zmq.Socket | None = None
+    connected: bool = False
+    grace_until: float = 0.0
+
+    def fails_fast(self, now: float) -> bool:
+        """Should a message for this peer be refused at once (nobody connected)?"""
+        return self.monitor is not None and not self.connected and now >= self.grace_until
 
 
 @dataclass
@@ -189,6 +224,11 @@ class Broker:
         self.started = time.time()
         self.pair = keymod.load(cluster.keys_dir, member)
         self.gate: transport.Gate | None = None
+        self.poller = zmq.Poller()
+        self._socks: dict[zmq.Socket, tuple[str, PeerLink]] = {}   # peer socket -> (role, link)
+        self._endpoints: dict[str, str] = {}                        # tcp socket attr -> bound endpoint
+        self._switch_at: float | None = None
+        self._switch_to: keymod.KeyPair | None = None
 
     # -- set-up -------------------------------------------------------------------
     def _bind(self) -> None:
@@ -221,29 +261,114 @@ class Broker:
         except zmq.ZMQError as e:
             self.close()
             raise BrokerError(f"member {self.me.name}: cannot bind its bus sockets ({e.strerror})") from None
+        self._endpoints = {"tcp_router": self.me.bus_endpoint, "cluster_pub": self.me.pub_endpoint}
         for name, m in self.cluster.members.items():
             if name == self.me.name:
                 continue
             self._link(name, m)
 
-    def _link(self, name: str, m: Member) -> None:
-        try:
-            server = keymod.load(self.cluster.keys_dir, name, secret=False).public
-        except keymod.KeyError_ as e:
-            log.warning("no link to %s: %s", name, e)
-            return
+    def _link(self, name: str, m: Member, relink: bool = False, server: bytes | None = None) -> PeerLink | None:
+        """Connect a DEALER and a SUB to peer ``name`` with its public key ``server`` (by
+        default the one in ``<name>.key``).
+
+        A first link is IMMEDIATE (sends fail while nobody is connected); a relink queues
+        and is watched by a socket monitor instead (see the module docstring).
+        """
+        if server is None:
+            try:
+                server = keymod.load(self.cluster.keys_dir, name, secret=False).public
+            except keymod.KeyError_ as e:
+                log.warning("no link to %s: %s", name, e)
+                return None
         dealer = transport.make_socket(self.ctx, zmq.DEALER, 200)
-        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        if not relink:
+            dealer.setsockopt(zmq.IMMEDIATE, 1)
         dealer.setsockopt_string(zmq.ROUTING_ID, f"b:{self.me.name}")
         transport.tcp_options(dealer, self.timing)
         transport.curve_client(dealer, self.pair, server)
+        monitor = None
+        if relink:
+            dealer.setsockopt(zmq.RECONNECT_IVL, RELINK_RECONNECT_MS)
+            monitor = dealer.get_monitor_socket(MONITOR_EVENTS)
         dealer.connect(m.bus_endpoint)
         sub = transport.make_socket(self.ctx, zmq.SUB, 0)
         transport.tcp_options(sub, self.timing)
+        if relink:
+            sub.setsockopt(zmq.RECONNECT_IVL, RELINK_RECONNECT_MS)
         transport.curve_client(sub, self.pair, server)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(m.pub_endpoint)
-        self.peers[name] = PeerLink(name, dealer, sub)
+        link = PeerLink(name, dealer, sub, monitor=monitor,
+                        grace_until=time.monotonic() + RELINK_GRACE if relink else 0.0)
+        self.peers[name] = link
+        return link
+
+    def _watch(self, link: PeerLink) -> None:
+        for role, sock in (("sub", link.sub), ("dealer", link.dealer), ("monitor", link.monitor)):
+            if sock is not None:
+                self.poller.register(sock, zmq.POLLIN)
+                self._socks[sock] = (role, link)
+
+    def _unwatch_and_close(self, link: PeerLink) -> None:
+        for sock, linger in ((link.sub, 0), (link.dealer, 200), (link.monitor, 0)):
+            if sock is None:
+                continue
+            if sock in self._socks:
+                self.poller.unregister(sock)
+                del self._socks[sock]
+            if sock is link.dealer and link.monitor is not None:
+                try:
+                    sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+            sock.close(linger=linger)
+
+    def relink(self, name: str, server: bytes | None = None) -> None:
+        """Replace the link to ``name`` (its key, or ours, changed), using its public key
+        ``server`` (default: ``<name>.key``). The old DEALER is closed with a linger after
+        the new one exists."""
+        old = self.peers.get(name)
+        link = self._link(name, self.cluster.members[name], relink=True, server=server)
+        if link is None:
+            if old is not None:
+                self.peers[name] = old
+            return
+        if old is not None:
+            link.last_heard, link.events = old.last_heard, old.events
+            self._unwatch_and_close(old)
+        self._watch(link)
+        log.info("relinked to %s", name)
+
+    def _on_monitor(self, link: PeerLink) -> None:
+        while link.monitor is not None and not link.monitor.closed:
+            try:
+                event = recv_monitor_message(link.monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                link.connected = True
+            elif event != zmq.EVENT_MONITOR_STOPPED:
+                link.connected = False
+
+    def _rebind(self, pair: keymod.KeyPair) -> None:
+        """Serve the tcp sockets with ``pair`` from now on, and link out with it."""
+        self.pair = pair
+        for attr, endpoint in self._endpoints.items():
+            sock: zmq.Socket = getattr(self, attr)
+            sock.unbind(endpoint)
+            transport.curve_server(sock, self.pair)
+            deadline = time.monotonic() + REBIND_TIMEOUT
+            while True:
+                try:
+                    sock.bind(endpoint)
+                    break
+                except zmq.ZMQError as e:   # the old listener closes asynchronously
+                    if e.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.005)
+        for name in list(self.peers):
+            self.relink(name)
+        log.info("broker %s now uses its new key", self.me.name)
 
     def close(self) -> None:
         for s in ("ipc_router", "local_pub", "tcp_router", "cluster_pub"):
@@ -251,9 +376,12 @@ class Broker:
             if sock is not None:
                 sock.close(linger=100)
         for p in self.peers.values():
+            if p.monitor is not None:
+                p.monitor.close(linger=0)
             p.dealer.close(linger=0)
             p.sub.close(linger=0)
         self.peers.clear()
+        self._socks.clear()
         if self.gate is not None:
             self.gate.stop()
             self.gate = None
@@ -271,14 +399,11 @@ class Broker:
     # -- main loop ----------------------------------------------------------------
     def run(self) -> None:
         self._bind()
-        poller = zmq.Poller()
+        poller = self.poller
         poller.register(self.ipc_router, zmq.POLLIN)
         poller.register(self.tcp_router, zmq.POLLIN)
-        subs = {}
         for p in self.peers.values():
-            poller.register(p.sub, zmq.POLLIN)
-            poller.register(p.dealer, zmq.POLLIN)   # peers never reply on it, but drain anyway
-            subs[p.sub] = p
+            self._watch(p)      # its dealer too: peers never reply on it, but drain anyway
         hb_every = self.timing.zmq_heartbeat_ivl_ms / 1000 / 2
         next_hb = 0.0
         log.info("broker %s up: %s %s", self.me.name, self.me.bus_endpoint, self.me.pub_endpoint)
@@ -288,8 +413,12 @@ class Broker:
                 if now >= next_hb:
                     self._heartbeat()
                     next_hb = now + hb_every
+                if self._switch_at is not None and now >= self._switch_at:
+                    self._switch_at = None
+                    self._rebind(self._switch_to or self.pair)
+                wake = next_hb if self._switch_at is None else min(next_hb, self._switch_at)
                 try:
-                    ready = dict(poller.poll(int(hb_every * 1000)))
+                    ready = dict(poller.poll(max(0, int((wake - now) * 1000))))
                 except zmq.ZMQError as e:
                     if e.errno == zmq.EINTR:
                         continue
@@ -299,16 +428,22 @@ class Broker:
                 if self.tcp_router in ready:
                     self._drain(self.tcp_router, self._from_tcp, copy=False)
                 for sock in ready:
-                    p = subs.get(sock)
-                    if p is not None:
+                    role, p = self._socks.get(sock, (None, None))
+                    if p is None or sock.closed:     # replaced by a relink in this round
+                        continue
+                    if role == "sub":
                         self._drain(sock, lambda frames, p=p: self._from_peer_pub(p, frames))
-                    elif sock is not self.ipc_router and sock is not self.tcp_router:
+                    elif role == "monitor":
+                        self._on_monitor(p)
+                    else:
                         self._drain(sock, lambda frames: None)
         finally:
             self.close()
 
     def _drain(self, sock: zmq.Socket, handler, copy: bool = True, limit: int = 2000) -> None:
         for _ in range(limit):
+            if sock.closed:            # a handler relinked (bus.relink) the socket away
+                return
             frames = recv_frames(sock, copy)
             if frames is None:
                 return
@@ -354,7 +489,11 @@ class Broker:
     def _from_tcp(self, frames: list[zmq.Frame]) -> None:
         if len(frames) != 2:
             raise ch.BadMessage("tcp message with wrong frame count")
-        user = frames[1].get("User-Id") or "?"
+        user_id = frames[1].get("User-Id") or "?"
+        if user_id != "?" and self.gate is not None and not self.gate.accepts(user_id):
+            self.counters.refused += 1           # its key was removed since it connected
+            return
+        user = transport.user_name(user_id)
         env = ch.unpack(frames[1].bytes)
         if user in self.peers:
             if env.src != user:
@@ -407,7 +546,14 @@ class Broker:
         elif r.to == "external":
             self._send_or_fail(self.tcp_router, [bytes.fromhex(r.target), ch.pack(env)], env, "unreachable", "")
         elif r.to == "peer":
-            self._send_or_fail(self.peers[r.target].dealer, [ch.pack(env)], env, "unreachable",
+            link = self.peers[r.target]
+            if link.fails_fast(time.monotonic()):
+                self.counters.unreachable += 1
+                if env.kind == "req":
+                    self._reply(ch.reply_to(env, error={"code": "unreachable",
+                                                        "message": f"member {r.target!r} is unreachable"}))
+                return
+            self._send_or_fail(link.dealer, [ch.pack(env)], env, "unreachable",
                                f"member {r.target!r} is unreachable")
         elif env.kind == "req":
             self._reply(ch.reply_to(env, error=r.error))
@@ -438,18 +584,56 @@ class Broker:
                 "uptime": round(time.time() - self.started, 3), "pid": os.getpid(),
                 "counters": self.counters.as_dict(),
                 "peers": {p.name: {"heard_ago": None if not p.last_heard else round(now - p.last_heard, 3),
-                                   "events": p.events} for p in self.peers.values()},
+                                   "events": p.events,
+                                   "relinked": p.monitor is not None,
+                                   "connected": p.connected if p.monitor is not None else None}
+                          for p in self.peers.values()},
             }
         elif env.method == "reload_keys":
             if self.gate:
                 self.gate.reload()
             result = {"keys": len(self.gate.names) if self.gate else 0}
+        elif env.method == "relink":
+            try:
+                member, server = self._relink_args(env.body)
+            except ValueError as e:
+                if env.kind == "req":
+                    self._reply(ch.reply_to(env, error={"code": "bad_arguments", "message": str(e)}))
+                return
+            self.relink(member, server)
+            result = {"relinked": member}
+        elif env.method == "switch_keys":
+            staged = bool(env.body.get("staged")) if isinstance(env.body, dict) else False
+            try:
+                self._switch_to = keymod.load(self.cluster.keys_dir,
+                                              f"{self.me.name}.{keymod.NEXT}" if staged else self.me.name)
+            except keymod.KeyError_ as e:
+                if env.kind == "req":
+                    self._reply(ch.reply_to(env, error={"code": "no_key", "message": str(e)}))
+                return
+            self._switch_at = time.monotonic() + SWITCH_AFTER
+            result = {"switching": self.me.name, "after": SWITCH_AFTER,
+                      "public": self._switch_to.public.decode()}
         else:
             if env.kind == "req":
                 self._reply(ch.reply_to(env, error={"code": "unknown_method", "message": f"bus has no method {env.method!r}"}))
             return
         if env.kind == "req":
             self._reply(ch.reply_to(env, result=result))
+
+
+    def _relink_args(self, body) -> tuple[str, bytes | None]:
+        """``{peer, public?}`` of bus.relink, checked: a peer, and one of its own keys."""
+        member = body.get("peer") if isinstance(body, dict) else None
+        if member not in self.peers:
+            raise ValueError(f"relink needs a peer member, not {member!r}")
+        public = body.get("public")
+        if public is None:
+            return member, None
+        names = self.gate.names if self.gate is not None else {}
+        if not isinstance(public, str) or names.get(public.encode()) != member:
+            raise ValueError(f"{public!r} is not one of {member}'s keys in the key directory (reload_keys first?)")
+        return member, public.encode()
 
 
 def serve(cluster: Cluster, member: str) -> None:

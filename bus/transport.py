@@ -74,24 +74,52 @@ def curve_client(sock: zmq.Socket, pair: keymod.KeyPair, server_public: bytes) -
 class Gate(ThreadAuthenticator):
     """ZAP handler: lets in exactly the public keys found in the key directory.
 
-    The authenticated User-Id of a message is the key's name (``n1``, ``m1``, ``admin``),
-    so a broker can check that a peer claiming to be ``n2`` holds ``n2``'s key.
-    ``reload()`` re-reads the directory (key rotation without restart).
+    The authenticated User-Id of a message is ``<name>#<key id>``: the key's name (``n1``,
+    ``m1``, ``admin``; see :func:`user_name`), so a broker can check that a peer claiming
+    to be ``n2`` holds ``n2``'s key, and which of the name's keys it used, so a broker
+    can refuse the messages of a connection whose key was removed after it connected
+    (:meth:`accepts`). ``reload()`` re-reads the directory (key rotation without restart).
     """
 
     def __init__(self, ctx: zmq.Context, keys_dir: Path):
         super().__init__(ctx)
         self.keys_dir = keys_dir
         self.names: dict[bytes, str] = {}
+        self.key_ids: frozenset[str] = frozenset()
 
     def start(self) -> None:  # type: ignore[override]
         super().start()
         self.reload()
 
     def reload(self) -> None:
-        self.names = keymod.public_keys(self.keys_dir)
+        names = keymod.public_keys(self.keys_dir)
+        self.names = names
+        self.key_ids = frozenset(key_id(k) for k in names)
         self.configure_curve(domain=ZAP_DOMAIN, location=str(self.keys_dir))
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         # load_certificate gives Z85 text; ZAP hands us the raw 32 bytes
-        return self.names.get(z85.encode(client_public_key), "?")
+        public = z85.encode(client_public_key)
+        name = self.names.get(public)
+        return f"{name}#{key_id(public)}" if name else "?"
+
+    def accepts(self, user_id: str) -> bool:
+        """Is the key behind this authenticated User-Id still in the key directory?"""
+        return user_key_id(user_id) in self.key_ids
+
+
+def key_id(public_z85: bytes) -> str:
+    """A short id of a public key (its first 10 Z85 characters). Pure."""
+    return public_z85[:10].decode("ascii", "replace")
+
+
+def user_name(user_id: str) -> str:
+    """The key's name in a User-Id made by :class:`Gate` (``"n1#Ab3..."`` -> ``"n1"``). Pure.
+
+    Names never hold ``#`` (cluster-file names are ``[a-z][a-z0-9_-]*``); key ids may."""
+    return user_id.partition("#")[0]
+
+
+def user_key_id(user_id: str) -> str:
+    """The key id in a User-Id made by :class:`Gate` (all after the first ``#``). Pure."""
+    return user_id.partition("#")[2]

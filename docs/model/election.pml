@@ -206,7 +206,7 @@ inline promote(v) {
        :: ans == R_NO -> cnt[I(n, v)] = 0; csucc[I(n, v)] = 0; pend[I(n, v)] = 0 \
        fi; \
        if \
-       :: plumbed[n] && !QUORUM(n) -> lapse(n) \
+       :: plumbed[n] && !QUORUM(n) -> printf("  %c lost its majority: unplumbs, releases everywhere\n", 'A' + n); lapse(n) \
        :: else \
        fi
 
@@ -375,5 +375,154 @@ init {
 #else
 /* ======================================================================================
  * Part 2: configuration commits (-DCOMMITS)
+ *
+ * A small abstraction of services/election.py (votes) and services/configsync.py (the
+ * coordinator's view change, store, acknowledgement). Three voters, each with a durable
+ * term (election.json's term and config.promised merged), a log (the terms in which the
+ * commits of its `main` were made, oldest first), and a stamp (config.height's stamp).
+ *
+ *   STAND(c)      c wins an election for term[c] + 1 with the votes of a majority (c and
+ *                 one or two others). A voter gives its vote once per term (the term
+ *                 rises) and only under the up-to-date rule (VOTE_RULE):
+ *                   0  none
+ *                   1  candidate's height >= the voter's (rpc_vote's config_height rule)
+ *                   2  candidate's (stamp, height) >= the voter's (Raft's rule)
+ *   ESTABLISH(c)  configsync's view change: c collects the positions of a majority (each
+ *                 promising c's term), adopts the most advanced main by (stamp, height),
+ *                 restamps it with its term and stores it on a majority; only then does it
+ *                 take commits. -DNO_VIEW_CHANGE leaves this out (a coordinator takes
+ *                 commits at once, with whatever it has: the vote rule alone must do).
+ *   COMMIT(c)     an established coordinator appends a commit of its term.
+ *   STORE(c, v)   v stores c's main when c's term is not older than v's promise.
+ *   ACK(c)        a majority hold c's whole main: c's last commit is acknowledged.
+ *   CRASH(c)      c forgets it was coordinator (durable state stays).
+ * Elections and view changes are single steps; everything else interleaves freely, with
+ * any number of coordinators of different terms alive at once (stale ones too).
+ *
+ * Property: every commit ever acknowledged is in the main of every coordinator, checked
+ * when the coordinator starts taking commits (after its view change, or right at its
+ * election with -DNO_VIEW_CHANGE).
  * ====================================================================================== */
+
+#define NM 3                 /* voters */
+#define QM 2                 /* majority */
+#ifndef MAXT
+#define MAXT 4               /* terms 1..MAXT */
+#endif
+#ifndef MAXLEN
+#define MAXLEN 3             /* commits per log */
+#endif
+#ifndef VOTE_RULE
+#define VOTE_RULE 1
+#endif
+
+byte term[NM];               /* highest term voted for / promised */
+byte lead[NM];               /* the term m is coordinator of (0: none) */
+bool est[NM];                /* ... and has finished its view change */
+byte height[NM];                /* height of m's main */
+byte logt[NM * MAXLEN];      /* term of each commit of m's main */
+byte stamp[NM];              /* the term whose history m's main is a prefix of */
+byte ackt[MAXLEN];           /* ghost: term of the acknowledged commit at each height */
+byte acklen;                 /* ghost: height of the longest acknowledged history */
+byte i, j, best;             /* scratch, always reset to 0 */
+
+#define LOG(m, x) logt[(m) * MAXLEN + (x)]
+
+#if VOTE_RULE == 0
+#define UP_TO_DATE(c, v) 1
+#elif VOTE_RULE == 1
+#define UP_TO_DATE(c, v) (height[c] >= height[v])
+#else
+#define UP_TO_DATE(c, v) (stamp[c] > stamp[v] || stamp[c] == stamp[v] && height[c] >= height[v])
+#endif
+#define MORE_ADVANCED(a, b) (stamp[a] > stamp[b] || stamp[a] == stamp[b] && height[a] > height[b])
+#define GRANTS(c, v, t) (term[v] < (t) && UP_TO_DATE(c, v))
+
+/* does m's main hold every acknowledged commit? */
+inline check_holds(m) {
+  for (i : 0 .. MAXLEN - 1) {
+    if
+    :: i < acklen -> assert(height[m] > i && LOG(m, i) == ackt[i])
+    :: else
+    fi
+  }
+  i = 0
+}
+
+/* v's main becomes a copy of c's (configsync store: fast-forward, or reset of commits
+   from an older term that never reached a majority) */
+inline copy_main(c, v) {
+  for (i : 0 .. MAXLEN - 1) { LOG(v, i) = LOG(c, i) }
+  height[v] = height[c]; i = 0
+}
+
+inline store(c, v, t) {
+  copy_main(c, v); stamp[v] = t; term[v] = t
+}
+
+#ifdef NO_VIEW_CHANGE
+#define ELECTED(c, t) lead[c] = t; est[c] = 1; check_holds(c)
+#else
+#define ELECTED(c, t) lead[c] = t; est[c] = 0
+#endif
+
+/* c stands for term[c] + 1 and wins with the votes of voters a and, optionally, b */
+#define STAND(c, a, b) \
+  :: d_step { term[c] < MAXT && GRANTS(c, a, term[c] + 1) -> \
+       j = term[c] + 1; \
+       term[c] = j; term[a] = j; \
+       if :: GRANTS(c, b, j) -> term[b] = j :: else fi; \
+       printf("m%d is elected coordinator of term %d with m%d's vote, its main: height %d stamp %d\n", c, j, a, height[c], stamp[c]); \
+       ELECTED(c, j); j = 0 }
+
+/* configsync's view change with the positions of c and a (b promises too when it can);
+   then the adopted main, restamped, is stored on c and a, which is a majority */
+#define ESTABLISH(c, a, b) \
+  :: d_step { lead[c] != 0 && lead[c] == term[c] && !est[c] && term[a] <= lead[c] -> \
+       j = lead[c]; term[a] = j; \
+       best = c; \
+       if :: MORE_ADVANCED(a, best) -> best = a :: else fi; \
+       if :: term[b] <= j -> term[b] = j; if :: MORE_ADVANCED(b, best) -> best = b :: else fi :: else fi; \
+       printf("m%d's view change (positions of m%d and m%d): adopts m%d's main, height %d stamp %d\n", c, c, a, best, height[best], stamp[best]); \
+       copy_main(best, c); stamp[c] = j; \
+       store(c, a, j); \
+       est[c] = 1; \
+       check_holds(c); \
+       best = 0; j = 0 }
+
+#define COMMIT(c) \
+  :: d_step { est[c] && lead[c] == term[c] && height[c] < MAXLEN -> \
+       LOG(c, height[c]) = lead[c]; height[c]++; stamp[c] = lead[c]; \
+       printf("m%d commits #%d (term %d) on its own main\n", c, height[c], lead[c]) }
+
+#define STORE(c, v) \
+  :: d_step { est[c] && lead[c] >= term[v] && lead[c] != 0 -> \
+       printf("m%d stores m%d's main (height %d, term %d)\n", v, c, height[c], lead[c]); store(c, v, lead[c]) }
+
+/* a majority (c and v) hold c's main as it is: its last commit is acknowledged */
+#define SAME_MAIN(c, v) (height[v] == height[c] && (height[c] < 1 || LOG(v, 0) == LOG(c, 0)) && (height[c] < 2 || LOG(v, 1) == LOG(c, 1)) && (height[c] < 3 || LOG(v, 2) == LOG(c, 2)))
+#define ACK(c, v) \
+  :: d_step { est[c] && height[c] > 0 && SAME_MAIN(c, v) && !(acklen == height[c] && ackt[height[c] - 1] == LOG(c, height[c] - 1)) -> \
+       for (i : 0 .. MAXLEN - 1) { if :: i < acklen -> assert(height[c] > i && LOG(c, i) == ackt[i]) :: else fi } \
+       for (i : 0 .. MAXLEN - 1) { ackt[i] = LOG(c, i) } \
+       acklen = height[c]; i = 0; \
+       printf("m%d and m%d hold it: commit #%d (term %d) ACKNOWLEDGED\n", c, v, height[c], LOG(c, height[c] - 1)) }
+
+#define STEP_DOWN(c) \
+  :: d_step { lead[c] != 0 && (lead[c] != term[c]) -> lead[c] = 0; est[c] = 0 }
+
+#define CRASH(c) \
+  :: d_step { lead[c] != 0 -> lead[c] = 0; est[c] = 0 }
+
+init {
+  do
+  STAND(0, 1, 2) STAND(0, 2, 1) STAND(1, 0, 2) STAND(1, 2, 0) STAND(2, 0, 1) STAND(2, 1, 0)
+  ESTABLISH(0, 1, 2) ESTABLISH(0, 2, 1) ESTABLISH(1, 0, 2) ESTABLISH(1, 2, 0) ESTABLISH(2, 0, 1) ESTABLISH(2, 1, 0)
+  COMMIT(0) COMMIT(1) COMMIT(2)
+  STORE(0, 1) STORE(0, 2) STORE(1, 0) STORE(1, 2) STORE(2, 0) STORE(2, 1)
+  ACK(0, 1) ACK(0, 2) ACK(1, 0) ACK(1, 2) ACK(2, 0) ACK(2, 1)
+  STEP_DOWN(0) STEP_DOWN(1) STEP_DOWN(2)
+  CRASH(0) CRASH(1) CRASH(2)
+  od
+}
 #endif

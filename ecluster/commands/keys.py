@@ -1,13 +1,17 @@
-"""``ecluster keys init|list``: the cluster's CURVE key pairs."""
+"""``ecluster keys init|list|rotate``: the cluster's CURVE key pairs."""
 from __future__ import annotations
 
-from typing import Annotated
+import time
+from typing import Annotated, Callable
 
 import typer
 
-from ecluster.commands.common import ConfigOpt, JsonOpt, load, new_app, print_json
+from ecluster.commands.common import ConfigOpt, JsonOpt, OptionalMemberOpt, die, load, new_app, print_json
 
 app = new_app("CURVE key pairs: one per member and one for the admin CLI.")
+
+CALL_TIMEOUT = 5.0          # s for each bus call of a rotation
+SWITCH_TIMEOUT = 15.0       # s for a member to answer with its new key
 
 
 @app.command("init")
@@ -15,7 +19,8 @@ def keys_init(config: ConfigOpt = None,
               force: Annotated[bool, typer.Option("--force", help="Regenerate pairs that exist.")] = False):
     """Create a key pair for every member and for `admin`; existing pairs are kept.
 
-    After --force, restart the brokers (or call bus.reload_keys) to use the new keys.
+    After --force, restart the brokers (or call bus.reload_keys) to use the new keys;
+    to change keys on a running cluster use `ecluster keys rotate` instead.
 
     Example: ecluster keys init -c cluster.toml
     """
@@ -30,18 +35,25 @@ def keys_init(config: ConfigOpt = None,
 
 
 def key_rows(cluster) -> list[dict]:
-    """One row per expected name (members, admin) and per extra public key found."""
+    """One row per expected name (members, admin) and per extra name found: its current
+    public key, whether its secret is here, and a rotation in progress (staged / old key)."""
     from bus import keys as keymod
-    found = {name: public for public, name in keymod.public_keys(cluster.keys_dir).items()}
-    rows = []
+    d = cluster.keys_dir
+    found = set(keymod.public_keys(d).values())
     expected = {**{n: m.role for n, m in cluster.members.items()}, keymod.ADMIN: "admin"}
-    for name in [*expected, *sorted(set(found) - set(expected))]:
-        public = found.get(name)
+    rows = []
+    for name in [*expected, *sorted(found - set(expected))]:
+        try:
+            public = keymod.load(d, name, secret=False).public.decode()
+        except keymod.KeyError_:
+            public = None
         rows.append({
             "name": name,
             "role": expected.get(name, "not in the cluster file"),
-            "public": public.decode() if public else None,
-            "secret": (cluster.keys_dir / f"{name}.key_secret").exists(),
+            "public": public,
+            "secret": (d / f"{name}.key_secret").exists(),
+            "staged": (d / f"{name}.{keymod.NEXT}.key").exists(),
+            "old": (d / f"{name}.{keymod.OLD}.key").exists(),
         })
     return rows
 
@@ -60,11 +72,127 @@ def keys_list(config: ConfigOpt = None, json_: JsonOpt = False):
     from rich.console import Console
     from rich.table import Table
     t = Table(title=f"keys in {cluster.keys_dir}")
-    for col in ("name", "role", "public key", "secret"):
+    for col in ("name", "role", "public key", "secret", "rotation"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["name"], r["role"], r["public"] or "[red]missing[/red]", "yes" if r["secret"] else "no")
+        rotation = ", ".join(w for w, on in (("staged", r["staged"]), ("old key kept", r["old"])) if on)
+        t.add_row(r["name"], r["role"], r["public"] or "[red]missing[/red]", "yes" if r["secret"] else "no",
+                  rotation or "-")
     Console().print(t)
+
+
+# -- rotation --------------------------------------------------------------------------------
+
+def rotation_plan(members: list[str], admin: str, only: str | None) -> list[tuple]:
+    """The steps of a rotation, in order. Pure.
+
+    Steps: ``("stage", name)``, ``("reload",)``, ``("relink", peer, member)``,
+    ``("switch", member)``, ``("wait", member)``, ``("promote", name)``,
+    ``("retire", name)``. For each member in turn its peers first link to its staged
+    public key (their calls to it queue meanwhile), then it switches to its staged pair,
+    then the staged pair becomes its current one. The admin key is promoted last; old
+    public keys are forgotten, everywhere, only at the end.
+    """
+    names = [only] if only else [*members, admin]
+    switched = [n for n in names if n in members]
+    steps: list[tuple] = [("stage", n) for n in names] + [("reload",)]
+    for m in switched:
+        steps += [("relink", p, m) for p in members if p != m]
+        steps += [("switch", m), ("wait", m), ("promote", m)]
+    steps += [("promote", n) for n in names if n not in members]
+    steps += [("retire", n) for n in names] + [("reload",)]
+    return steps
+
+
+def rotate_keys(cluster, only: str | None = None, echo: Callable[[str], None] = lambda s: None) -> list[str]:
+    """Rotate the key pairs of every member and the admin key (or only ``only``'s) on a
+    running cluster, with no call failing on the way. Returns the names rotated.
+
+    Every broker must be running and share this key directory (one host, or a directory
+    kept identical on every host). Raises RuntimeError (one line) when a step fails; the
+    cluster keeps working and running the command again finishes the job.
+    """
+    from bus import keys as keymod
+    from bus.client import BusError, SyncClient
+
+    members = list(cluster.members)
+    if only is not None and only not in members and only != keymod.ADMIN:
+        die(f"unknown member {only!r} (members: {', '.join(members)}, or {keymod.ADMIN})")
+    d = cluster.keys_dir
+
+    def call(target: str, method: str, via: str | None = None, **args):
+        with SyncClient(cluster, remote=via or target) as c:
+            return c.call(target, "bus", method, timeout=CALL_TIMEOUT, **args)
+
+    def step(what: str, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except (BusError, keymod.KeyError_, OSError) as e:
+            raise RuntimeError(f"key rotation stopped at {what}: {e} (run it again to finish)") from None
+
+    for m in members:       # everyone must be there before anything changes
+        step(f"checking {m}", call, m, "ping")
+    staged: dict[str, str] = {}
+    plan = rotation_plan(members, keymod.ADMIN, only)
+    for s in plan:
+        kind = s[0]
+        if kind == "stage":
+            staged[s[1]] = step(f"staging {s[1]}", keymod.stage, d, s[1]).public.decode()
+            echo(f"{s[1]}: new key pair staged")
+        elif kind == "reload":
+            for m in members:
+                step(f"reloading keys on {m}", call, m, "reload_keys")
+            echo("every broker reloaded its keys")
+        elif kind == "relink":
+            peer, m = s[1], s[2]
+            step(f"relinking {peer} to {m}", call, peer, "relink", peer=m, public=staged[m])
+        elif kind == "switch":
+            step(f"switching {s[1]}", call, s[1], "switch_keys", staged=True)
+        elif kind == "wait":
+            _wait_switched(cluster, s[1], call)
+            echo(f"{s[1]}: switched to its new key")
+        elif kind == "promote":
+            step(f"promoting {s[1]}'s key", keymod.promote, d, s[1])
+        elif kind == "retire":
+            keymod.retire(d, s[1])
+    echo("old keys removed")
+    return [only] if only else [*members, keymod.ADMIN]
+
+
+def _wait_switched(cluster, member: str, call) -> None:
+    """Until every other member reaches ``member`` again (it answers with its new key)."""
+    deadline = time.monotonic() + SWITCH_TIMEOUT
+    for p in (p for p in cluster.members if p != member):
+        while True:
+            try:
+                call(member, "ping", via=p)
+                break
+            except Exception as e:  # noqa: BLE001 - retried until the deadline, then reported
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"key rotation stopped: {member} does not answer {p} with its new key "
+                                       f"({e}); run it again to finish") from None
+                time.sleep(0.05)
+
+
+@app.command("rotate")
+def keys_rotate(config: ConfigOpt = None, member: OptionalMemberOpt = None):
+    """Replace key pairs on a running cluster without downtime.
+
+    Every member's pair and the admin key (or only --member's; `--member admin` for the
+    admin key alone). A new pair is staged next to the current one, every broker accepts
+    both, each member in turn switches to its new pair while its peers queue their
+    calls to it for those milliseconds, then the old public keys are removed and
+    reloaded everywhere: the old keys can no longer connect. Every broker must be
+    running and read this key directory.
+
+    Example: ecluster keys rotate -c cluster.toml
+    """
+    cluster = load(config)
+    try:
+        names = rotate_keys(cluster, member, echo=typer.echo)
+    except RuntimeError as e:
+        die(str(e))
+    typer.echo(f"rotated: {', '.join(names)}")
 
 
 def register(root: typer.Typer) -> None:
