@@ -26,66 +26,23 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]      # the repo first: bench/bus.py is not ``bus``
 
-import msgpack  # noqa: E402
-import zmq  # noqa: E402
+from anchors import Children, free_ports, member_table, raw_push_pull, record, wait_for, write_cluster  # noqa: E402
 
 RECORD = 200
 WRITE_BATCH = 5000
 TARGET = 100_000
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def payload(k: int) -> bytes:
-    head = b"%010d " % k
-    return head + b"r" * (RECORD - len(head))
-
-
-class Children:
-    """Subprocesses of the bench, stopped by PID at the end."""
-
-    def __init__(self, log_dir: Path):
-        self.log_dir = log_dir
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], name: str) -> subprocess.Popen:
-        with open(self.log_dir / f"{name}.log", "wb") as log:
-            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        self.procs.append(p)
-        return p
-
-    def stop(self, p: subprocess.Popen) -> None:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-    def stop_all(self) -> None:
-        for p in self.procs:
-            self.stop(p)
+    return record(k, RECORD)
 
 
 def cli(*args: str) -> list[str]:
@@ -94,46 +51,12 @@ def cli(*args: str) -> list[str]:
 
 def make_cluster(base: Path):
     """A one-node, one-manager cluster file on loopback with its keys."""
-    from bus import keys as keymod
-    from ecluster.clusterfile import load_cluster
     ports = free_ports(7)
-    text = f"""[cluster]
-name = "bench"
-keys = "keys"
-
-[nodes.n1]
-address = "127.0.0.1"
-data_dir = "{base / 'n1'}"
-bus_port = {ports[0]}
-pub_port = {ports[1]}
-metrics_port = {ports[2]}
-
-[managers.m1]
-address = "127.0.0.1"
-data_dir = "{base / 'm1'}"
-bus_port = {ports[3]}
-pub_port = {ports[4]}
-metrics_port = {ports[5]}
-console_port = {ports[6]}
-"""
-    path = base / "cluster.toml"
-    path.write_text(text)
-    for name in ("n1", "m1", keymod.ADMIN):
-        keymod.create(base / "keys", name)
-    return load_cluster(path)
-
-
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            v = cond()
-            if v:
-                return v
-        except Exception:  # noqa: BLE001 - not yet
-            pass
-        time.sleep(0.02)
-    raise SystemExit(f"bench: {what} not true within {timeout:g}s")
+    keys = ("bus_port", "pub_port", "metrics_port", "console_port")
+    text = "\n".join(['[cluster]\nname = "bench"\nkeys = "keys"\n',
+                      member_table("nodes", "n1", base / "n1", dict(zip(keys[:3], ports[:3]))),
+                      member_table("managers", "m1", base / "m1", dict(zip(keys, ports[3:])))])
+    return write_cluster(base, text, ["n1", "m1"])
 
 
 def line_count(path: Path) -> int:
@@ -211,52 +134,7 @@ def bench_e2e(n: int, base: Path) -> dict:
     return out
 
 
-def child_push(port: int, n: int, batch: int) -> None:
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.PUSH)
-    s.connect(f"tcp://127.0.0.1:{port}")
-    packb = msgpack.packb
-    recs = [payload(k) for k in range(min(n, 10_000))]
-    if batch == 1:
-        for k in range(n):
-            s.send(packb([k, recs[k % len(recs)]], use_bin_type=True))
-    else:
-        for i in range(0, n, batch):
-            s.send(packb([[k, recs[k % len(recs)]] for k in range(i, min(n, i + batch))], use_bin_type=True))
-    s.close(linger=-1)
-    ctx.term()
-
-
-def bench_raw(n: int, batch: int, base: Path) -> float:
-    ctx = zmq.Context.instance()
-    pull = ctx.socket(zmq.PULL)
-    port = pull.bind_to_random_port("tcp://127.0.0.1")
-    kids = Children(base)
-    try:
-        p = kids.start([sys.executable, os.path.abspath(__file__), "--child-push", str(port), str(n), str(batch)],
-                       f"push-{batch}")
-        got = 0
-        t0 = None
-        unpackb = msgpack.unpackb
-        while got < n:
-            msg = unpackb(pull.recv(), raw=False)
-            if t0 is None:
-                t0 = time.perf_counter()
-                got += len(msg) if batch > 1 else 1
-                continue
-            got += len(msg) if batch > 1 else 1
-        rate = (n - (batch if batch > 1 else 1)) / (time.perf_counter() - t0)
-        p.wait(timeout=30)
-    finally:
-        kids.stop_all()
-        pull.close(linger=0)
-    return rate
-
-
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child-push":
-        child_push(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
-        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=200_000, help="records per e2e row (default 200000)")
     parser.add_argument("--append-records", type=int, default=300_000,
@@ -267,12 +145,7 @@ def main() -> None:
         parser.error("--records must be at least 20000")
 
     if not args.skip_append:
-        import importlib.util
-        # by path: bench/ is not a package, and bench/bus.py would shadow the bus package
-        spec = importlib.util.spec_from_file_location(
-            "logs_append", os.path.join(os.path.dirname(os.path.abspath(__file__)), "logs_append.py"))
-        logs_append = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(logs_append)
+        import logs_append      # bench/ is on sys.path (after the repo)
         sys.argv = [sys.argv[0], "--records", str(args.append_records)]
         logs_append.main()
         print()
@@ -280,8 +153,8 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="ecl-logs-bench-", dir="/tmp"))
     try:
         e2e = bench_e2e(args.records, base)
-        raw_batch = bench_raw(args.records, WRITE_BATCH, base)
-        raw_single = bench_raw(args.records, 1, base)
+        raw_batch = raw_push_pull(args.records, WRITE_BATCH, RECORD, base)
+        raw_single = raw_push_pull(args.records, 1, RECORD, base)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     n = args.records

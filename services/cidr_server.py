@@ -8,9 +8,9 @@ the checkpoint (``jlog.checkpoint``). The store counts each (node, series, windo
 start) once, so what a crash makes the loop read again is never counted twice, and
 nothing is checkpointed before it is on disk, so nothing is lost.
 
-A loop wakes on the node's ``jlog.written`` events, re-polls every
-:data:`IDLE_POLL` seconds when idle, and backs off (up to :data:`RETRY_MAX`) while
-the node does not answer; one node down never holds up the others.
+A loop (:mod:`services.pulling`) wakes on the node's ``jlog.written`` events, re-polls
+when idle, and backs off while the node does not answer (:data:`PULL_POLICY`); one node
+down never holds up the others.
 
 RPC::
 
@@ -35,15 +35,14 @@ from manager.cidr.query import QueryError, parse_query
 from manager.cidr.store import CidrStore, CidrStoreError, format_rows, result_to_dict
 from node.audit import AuditDecodeError, Window, decode_window
 from services.base import Service, ServiceError
+from services.pulling import PullPolicy, run_pull_loop
 
 JOURNAL_LOG = "audit"
 WRITTEN_TOPIC = "jlog.written"
-READ_TIMEOUT = 5.0
 CHECKPOINT_TIMEOUT = 5.0
-#: re-poll an idle node this often even without a jlog.written event
-IDLE_POLL = 5.0
-RETRY_MIN = 0.5
-RETRY_MAX = 10.0
+#: a node's loop (services.pulling): re-poll an idle node every 5 s even without a
+#: jlog.written event; back off from 0.5 s up to 10 s while it does not answer
+PULL_POLICY = PullPolicy(idle_wait=5.0, backoff_min=0.5, backoff_max=10.0, read_timeout=5.0)
 MAINTAIN_EVERY = 3600.0
 #: a query answering more rows than this is refused (ask for a limit or a threshold)
 MAX_ROWS = 200_000
@@ -52,11 +51,6 @@ MAX_ROWS = 200_000
 def subscriber_name(manager: str) -> str:
     """The jlog subscriber a manager's cidr_server reads every node's audit log with. Pure."""
     return f"cidr-{manager}"
-
-
-def next_retry(delay: float) -> float:
-    """The wait after one more failure: doubling from RETRY_MIN up to RETRY_MAX. Pure."""
-    return RETRY_MIN if delay <= 0 else min(RETRY_MAX, delay * 2)
 
 
 def decode_records(records: Any) -> tuple[list[Window], int, int | None]:
@@ -201,38 +195,27 @@ class CidrServerService(Service):
 
     # -- consuming --------------------------------------------------------------------
     async def _pull_loop(self, feed: NodeFeed) -> None:
-        delay = 0.0
-        while True:
-            feed.wake.clear()       # an event during the pull makes the wait below return at once
-            try:
-                got = await self._pull_once(feed)
-            except asyncio.CancelledError:
-                raise
-            except BusError as e:
-                if feed.up is not False or delay >= RETRY_MAX:
+        async def pull(read_timeout: float) -> int:
+            got = await self._pull_once(feed, read_timeout)
+            feed.up = True
+            return got
+
+        async def failed(e: BaseException, expected: bool, previous_backoff: float) -> None:
+            if not expected:
+                self.log.exception("pulling the audit journal of %s failed", feed.node)
+                feed.last_error = f"{type(e).__name__}: {e}"
+            else:
+                if feed.up is not False or previous_backoff >= PULL_POLICY.backoff_max:
                     self.log.warning("audit journal of %s: %s", feed.node, e)
                 feed.up = False
-                feed.errors += 1
                 feed.last_error = str(e)
-                delay = next_retry(delay)
-            except Exception as e:  # a bug here must not end this node's consumption
-                self.log.exception("pulling the audit journal of %s failed", feed.node)
-                feed.errors += 1
-                feed.last_error = f"{type(e).__name__}: {e}"
-                delay = next_retry(delay)
-            else:
-                feed.up = True
-                delay = 0.0
-                if got:
-                    continue
-            try:
-                await asyncio.wait_for(feed.wake.wait(), delay or IDLE_POLL)
-            except asyncio.TimeoutError:
-                pass
+            feed.errors += 1
 
-    async def _pull_once(self, feed: NodeFeed) -> int:
+        await run_pull_loop(feed.wake, pull, failed, PULL_POLICY, expected=(BusError,))
+
+    async def _pull_once(self, feed: NodeFeed, read_timeout: float) -> int:
         """Read one batch, store it, checkpoint it; returns the number of records read."""
-        rep = await self.call(feed.node, "jlog", "read", timeout=READ_TIMEOUT,
+        rep = await self.call(feed.node, "jlog", "read", timeout=read_timeout,
                               log=JOURNAL_LOG, subscriber=self.subscriber)
         feed.last_pull_at = time.time()
         if not isinstance(rep, dict):

@@ -24,27 +24,29 @@ cannot be written.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from pathlib import Path
 from typing import Any
 
-from bus.client import BusError, CallTimeout, RemoteError
+from bus.client import BusError
 from manager.logsink import STATE_DIR, Sink, SinkError, day_of
 from node.datadir import DirLock, LockedError
 from services.base import Service
 from services.jlog import WRITTEN_TOPIC, log_names, logagg_subscriber
+from services.pulling import PullPolicy, ack_after_failure, ack_args, checkpoint_after, run_pull_loop
 
 BATCH_RECORDS = 20_000
 BATCH_BYTES = 8 << 20
-READ_TIMEOUT_S = 5.0
-# After an error (and at first contact) reads wait less, doubling up to READ_TIMEOUT_S: a
-# reply sent while the node's broker link to this manager is still coming up is lost, and
-# a short first timeout turns that into a quick retry instead of a 5 s stall.
-FIRST_READ_TIMEOUT_S = 1.0
-IDLE_WAIT_S = 2.0
-TRICKLE_WAIT_S = 0.05
-BACKOFF_MIN_S = 0.1
-BACKOFF_MAX_S = 2.0
+#: a (node, log) loop (services.pulling): nothing new, sleep until jlog.written or 2 s; a
+#: node down, back off from 0.1 s up to 2 s. Reads get 5 s, but 1 s at first contact and
+#: after an error (doubling on timeouts): a reply sent while the node's broker link to this
+#: manager is still coming up is lost, and a short timeout retries it instead of a 5 s stall.
+#: A trickle (under 1,000 records) waits 50 ms, or the node's next jlog.written, so it is
+#: taken in batches rather than one call per record. A bug pauses 2 s.
+PULL_POLICY = PullPolicy(idle_wait=2.0, backoff_min=0.1, backoff_max=2.0, read_timeout=5.0,
+                         first_read_timeout=1.0, trickle_below=BATCH_RECORDS // 20, trickle_wait=0.05,
+                         bug_wait=2.0)
 
 
 def check_batch(rep: Any) -> tuple[list, int, int]:
@@ -90,6 +92,7 @@ class _Lane:
         self.dropped_seen = 0
         self.node_last_seq: int | None = None
         self.inflight: asyncio.Future | None = None    # the sink write in progress, if any
+        self.pending_ack: int | None = None            # durable here, not yet checkpointed at the node
 
 
 class LogAggService(Service):
@@ -168,80 +171,58 @@ class LogAggService(Service):
         if self._lock is not None:
             self._lock.release()
 
-    async def _wait(self, lane: _Lane, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(lane.wake.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
-
     async def _pump(self, node: str, log: str, lane: _Lane) -> None:
         """Read, write, fsync, checkpoint: forever, for one node's log.
 
         The checkpoint of a batch rides on the next read (``ack``), which saves a round
         trip per batch; it is sent only after the batch is durable here.
         """
-        backoff = BACKOFF_MIN_S
-        sink = lane.sink
-        pending_ack: int | None = None
-        read_timeout = FIRST_READ_TIMEOUT_S
-        while True:
-            lane.wake.clear()        # before the read: a write after it wakes the next wait
-            try:
-                args = {"ack": pending_ack} if pending_ack is not None else {}
-                rep = await self.call(node, "jlog", "read", timeout=read_timeout, log=log,
-                                      subscriber=self.subscriber, max_records=BATCH_RECORDS, max_bytes=BATCH_BYTES,
-                                      **args)
-                pending_ack = None
-                read_timeout = READ_TIMEOUT_S
-                records, last_seq, dropped = check_batch(rep)
-                lane.node_last_seq = last_seq
-                if dropped != lane.dropped_seen:
-                    if dropped > lane.dropped_seen:
-                        await self.alarm("logagg.records_dropped",
-                                         f"{node}/{log}: {dropped} records were dropped by the node's disk budget "
-                                         f"before {self.subscriber} read them", node=node, log=log, count=dropped)
-                    lane.dropped_seen = dropped
-                floor = journal_reset_floor(sink.state.seq, last_seq, records)
-                if floor is not None:
-                    await self.alarm("logagg.journal_reset",
-                                     f"{node}/{log}: the node's journal ends at seq {last_seq}, before the "
-                                     f"{sink.state.seq} already aggregated; continuing after seq {floor}",
-                                     node=node, log=log)
-                    await self.offload(sink.reset_seq, floor)
-                if records:
-                    # shielded: a stop must not close the sink under a write in progress
-                    lane.inflight = asyncio.ensure_future(self.offload(sink.append, records, day_of()))
-                    written = await asyncio.shield(lane.inflight)
-                    lane.records_written += written
-                    lane.duplicates_skipped += len(records) - written
-                    lane.last_batch = time.time()
-                    pending_ack = records[-1][0]
-                lane.error = None
-                backoff = BACKOFF_MIN_S
-                if not records:
-                    await self._wait(lane, IDLE_WAIT_S)
-                elif len(records) < BATCH_RECORDS // 20:
-                    # A trickle: give it a moment (or the node's next jlog.written) so it is
-                    # taken in batches rather than one call per record.
-                    await self._wait(lane, TRICKLE_WAIT_S)
-            except asyncio.CancelledError:
-                raise
-            except (BusError, ValueError, SinkError, OSError) as e:
-                if isinstance(e, RemoteError) and e.code == "bad_checkpoint":
-                    # The node refuses the ack (its journal restarted lower): read without it;
-                    # the dedup floor is then checked against what the node has.
-                    pending_ack = None
-                if isinstance(e, SinkError) and lane.error != str(e):
-                    await self.alarm("logagg.sink_error", f"{node}/{log}: {e}", node=node, log=log)
-                lane.error = str(e)
-                read_timeout = (min(READ_TIMEOUT_S, read_timeout * 2) if isinstance(e, CallTimeout)
-                                else FIRST_READ_TIMEOUT_S)
-                await self._wait(lane, backoff)
-                backoff = min(BACKOFF_MAX_S, backoff * 2)
-            except Exception as e:  # noqa: BLE001 - a bug must not end the loop of this lane
+        async def failed(e: BaseException, expected: bool, previous_backoff: float) -> None:
+            if not expected:
                 self.log.exception("%s/%s: unexpected error", node, log)
                 lane.error = f"{type(e).__name__}: {e}"
-                await asyncio.sleep(BACKOFF_MAX_S)
+                return
+            lane.pending_ack = ack_after_failure(lane.pending_ack, e)
+            if isinstance(e, SinkError) and lane.error != str(e):
+                await self.alarm("logagg.sink_error", f"{node}/{log}: {e}", node=node, log=log)
+            lane.error = str(e)
+
+        await run_pull_loop(lane.wake, functools.partial(self._pull_batch, node, log, lane), failed, PULL_POLICY,
+                            expected=(BusError, ValueError, SinkError, OSError))
+
+    async def _pull_batch(self, node: str, log: str, lane: _Lane, read_timeout: float) -> int:
+        """Read one batch, write and fsync it, record it in the sink state; returns the
+        number of records read. Its checkpoint is left in ``lane.pending_ack``."""
+        sink = lane.sink
+        rep = await self.call(node, "jlog", "read", timeout=read_timeout, log=log,
+                              subscriber=self.subscriber, max_records=BATCH_RECORDS, max_bytes=BATCH_BYTES,
+                              **ack_args(lane.pending_ack))
+        lane.pending_ack = None                  # delivered: the node applied it before reading
+        records, last_seq, dropped = check_batch(rep)
+        lane.node_last_seq = last_seq
+        if dropped != lane.dropped_seen:
+            if dropped > lane.dropped_seen:
+                await self.alarm("logagg.records_dropped",
+                                 f"{node}/{log}: {dropped} records were dropped by the node's disk budget "
+                                 f"before {self.subscriber} read them", node=node, log=log, count=dropped)
+            lane.dropped_seen = dropped
+        floor = journal_reset_floor(sink.state.seq, last_seq, records)
+        if floor is not None:
+            await self.alarm("logagg.journal_reset",
+                             f"{node}/{log}: the node's journal ends at seq {last_seq}, before the "
+                             f"{sink.state.seq} already aggregated; continuing after seq {floor}",
+                             node=node, log=log)
+            await self.offload(sink.reset_seq, floor)
+        if records:
+            # shielded: a stop must not close the sink under a write in progress
+            lane.inflight = asyncio.ensure_future(self.offload(sink.append, records, day_of()))
+            written = await asyncio.shield(lane.inflight)
+            lane.records_written += written
+            lane.duplicates_skipped += len(records) - written
+            lane.last_batch = time.time()
+        lane.pending_ack = checkpoint_after(records)     # durable here: the next read checkpoints it
+        lane.error = None
+        return len(records)
 
     async def rpc_status(self) -> dict:
         """Per node and log: seq written, lag at the node (records, bytes), last error."""

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, NoReturn
+from typing import Annotated, Any, Callable, Iterable, NoReturn
 
 import typer
 
@@ -63,6 +63,42 @@ def load(config: Path | None) -> Cluster:
 
 def print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def member_client(cluster: Cluster, member: str):
+    """A SyncClient to ``member``: over its broker's ipc socket when that is here and
+    usable (the member runs on this machine), else over tcp with the admin key."""
+    from bus.client import SyncClient
+    sock = cluster.member(member).run_dir / "bus.ipc"
+    if sock.exists() and os.access(sock, os.R_OK | os.W_OK):
+        return SyncClient(cluster, via=member)
+    return SyncClient(cluster, remote=member)
+
+
+#: remote error codes meaning "this member cannot serve the call": the next one is asked
+NOT_SERVED = ("unreachable", "no_service")
+
+
+def first_answer(cluster: Cluster, names: Iterable[str], ask: Callable[[Any, str], Any], who: str = "member") -> Any:
+    """The answer of ``ask(client, name)`` from the first of ``names`` that answers (tcp, admin key).
+
+    A member that does not answer (a timeout, or a broker reporting it unreachable or
+    without the service) is skipped; any other error is the cluster's answer and is
+    raised as is. When none answers: one line naming each failure.
+    """
+    from bus.client import CallTimeout, RemoteError, SyncClient
+    failures = []
+    for name in names:
+        try:
+            with SyncClient(cluster, remote=name) as c:
+                return ask(c, name)
+        except CallTimeout:
+            failures.append(f"{name}: no answer")
+        except RemoteError as e:
+            if e.code not in NOT_SERVED:
+                raise
+            failures.append(f"{name}: {e}")
+    die(f"no {who} answered (" + "; ".join(failures) + ")")
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:

@@ -13,11 +13,11 @@ import socket
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any, Callable, Iterator
 
 import typer
 
-from ecluster.commands.common import CliError, ConfigOpt, JsonOpt, die, load, new_app, print_json
+from ecluster.commands.common import CliError, ConfigOpt, JsonOpt, die, load, member_client, new_app, print_json
 
 HELP = """The cluster's configuration: a git repository every member applies (eccfg).
 
@@ -103,10 +103,7 @@ def repo_errors() -> Iterator[None]:
 
 def rpc(t: Target, method: str, timeout: float, **args) -> Any:
     """Call ``configsync.<method>`` on the target member (ipc if local, else tcp + admin key)."""
-    from bus.client import SyncClient
-    m = t.cluster.member(t.member)
-    local = (m.run_dir / "bus.ipc").exists()
-    with repo_errors(), (SyncClient(t.cluster, via=t.member) if local else SyncClient(t.cluster, remote=t.member)) as c:
+    with repo_errors(), member_client(t.cluster, t.member) as c:
         return c.call(t.member, "configsync", method, timeout=timeout, **args)
 
 
@@ -115,6 +112,15 @@ def local_repo(t: Target) -> Iterator[Any]:
     from node.configrepo import MemberRepo
     with repo_errors(), MemberRepo(t.data_dir, t.member or "wc") as r:
         yield r
+
+
+def read_only(t: Target, from_repo: Callable[[Any], Any], method: str, timeout: float, **args) -> Any:
+    """A read-only command's answer: ``from_repo(repo)`` on the working copy (--wc), else
+    ``configsync.<method>(**args)`` on the member."""
+    if t.data_dir is not None:
+        with local_repo(t) as r:
+            return from_repo(r)
+    return rpc(t, method, timeout, **args)
 
 
 def author() -> str:
@@ -255,11 +261,7 @@ def log_(config: ConfigOpt = None, member: MemberOpt = None, wc: WcOpt = None,
     Example: eccfg log -c cluster.toml -m n1 -n 5
     """
     t = resolve_target(config, member, wc, need_bus=False)
-    if t.data_dir is not None:
-        with local_repo(t) as r:
-            entries = r.log(count)
-    else:
-        entries = rpc(t, "log", timeout, n=count)
+    entries = read_only(t, lambda r: r.log(count), "log", timeout, n=count)
     if json_:
         print_json(entries)
         return
@@ -276,11 +278,7 @@ def diff(rev: Annotated[str | None, typer.Argument(metavar="[REV]", help="A comm
     Example: eccfg diff -c cluster.toml -m n1 HEAD~1
     """
     t = resolve_target(config, member, wc, need_bus=False)
-    if t.data_dir is not None:
-        with local_repo(t) as r:
-            text = r.diff(rev)
-    else:
-        text = rpc(t, "diff", timeout, rev=rev)
+    text = read_only(t, lambda r: r.diff(rev), "diff", timeout, rev=rev)
     typer.echo(text, nl=not text.endswith("\n"))
 
 
@@ -310,17 +308,17 @@ def show(config: ConfigOpt = None, member: MemberOpt = None, wc: WcOpt = None,
     Example: eccfg show -c cluster.toml -m n1 --node n2
     """
     t = resolve_target(config, member, wc, need_bus=False)
-    if t.data_dir is not None:
-        target_node = node or t.member
-        if target_node is None:
-            die("give --node NODE with --wc", 2)
-        with local_repo(t) as r:
-            from node.configrepo import check_node_name
-            check_node_name(target_node)
-            table = r.resolution_table(target_node, rev)
-        rep = {"node": target_node, "rev": rev, "files": [{"name": n, "file": w, "shadowed": s} for n, w, s in table]}
-    else:
-        rep = rpc(t, "show", timeout, node=node, rev=rev)
+    target_node = node or t.member
+    if t.data_dir is not None and target_node is None:
+        die("give --node NODE with --wc", 2)
+
+    def from_repo(r) -> dict:
+        from node.configrepo import check_node_name
+        check_node_name(target_node)
+        table = r.resolution_table(target_node, rev)
+        return {"node": target_node, "rev": rev, "files": [{"name": n, "file": w, "shadowed": s} for n, w, s in table]}
+
+    rep = read_only(t, from_repo, "show", timeout, node=node, rev=rev)
     if json_:
         print_json(rep)
         return

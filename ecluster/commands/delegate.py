@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ecluster.commands.common import ConfigOpt, JsonOpt, die, load, print_json
+from ecluster.commands.common import ConfigOpt, JsonOpt, die, first_answer, load, print_json
 
 ManagerOpt = Annotated[str | None, typer.Option(
     "--manager", "-M", metavar="NAME", help="The manager to ask (default: the first one that answers).")]
@@ -26,7 +26,6 @@ SLACK = 2.0          # the manager's own work on top of the members' timeout
 def ask_manager(cluster, manager: str | None, method: str, timeout: float, **args) -> Any:
     """Call ``control.<method>`` on a manager (tcp, admin key). Without ``manager``, the
     first manager whose broker and control service answer."""
-    from bus.client import CallTimeout, RemoteError, SyncClient
     if manager is not None:
         m = cluster.member(manager)
         if m.role != "manager":
@@ -36,19 +35,12 @@ def ask_manager(cluster, manager: str | None, method: str, timeout: float, **arg
         candidates = list(cluster.managers)
         if not candidates:
             die(f"{cluster.path}: no manager in the cluster file: delegation is served by managers")
-    errors = []
-    for name in candidates:
-        try:
-            with SyncClient(cluster, remote=name) as c:
-                c.call(name, "bus", "ping", timeout=PING_TIMEOUT)     # quick: is anybody there?
-                return c.call(name, "control", method, timeout=timeout + SLACK, **args)
-        except CallTimeout:
-            errors.append(f"{name}: no answer")
-        except RemoteError as e:
-            if e.code not in ("unreachable", "no_service"):
-                raise
-            errors.append(f"{name}: {e.message}")
-    die("no manager answered (" + "; ".join(errors) + ")")
+
+    def ask(c, name: str) -> Any:
+        c.call(name, "bus", "ping", timeout=PING_TIMEOUT)     # quick: is anybody there?
+        return c.call(name, "control", method, timeout=timeout + SLACK, **args)
+
+    return first_answer(cluster, candidates, ask, who="manager")
 
 
 def format_value(value: Any, indent: int = 2) -> list[str]:

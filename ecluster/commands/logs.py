@@ -5,15 +5,17 @@ runs on this machine (its run directory is reachable), else over tcp with the ad
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, BinaryIO, Iterator
+from typing import Annotated, Any, BinaryIO, Callable, Iterator
 
 import typer
 
-from ecluster.commands.common import ConfigOpt, JsonOpt, MemberOpt, OptionalMemberOpt, die, load, new_app, print_json
+from ecluster.commands.common import (ConfigOpt, JsonOpt, MemberOpt, OptionalMemberOpt, die, load, member_client,
+                                      new_app, print_json)
 
 app = new_app("Journals (jlog) on the nodes and the aggregated logs on the managers.")
 
@@ -26,16 +28,6 @@ WRITE_BATCH_BYTES = 1 << 20
 
 # -- helpers ------------------------------------------------------------------------------------
 
-def client_for(cluster, member: str):
-    """A SyncClient to ``member``: ipc when its broker socket is here, else tcp (admin key)."""
-    from bus.client import SyncClient
-    m = cluster.member(member)
-    sock = m.run_dir / "bus.ipc"
-    if sock.exists() and os.access(sock, os.R_OK | os.W_OK):
-        return SyncClient(cluster, via=member)
-    return SyncClient(cluster, remote=member)
-
-
 def node_of(cluster, member: str):
     m = cluster.member(member)
     if m.role != "node":
@@ -43,10 +35,28 @@ def node_of(cluster, member: str):
     return m
 
 
-def call_jlog(cluster, node: str, method: str, timeout: float, **args):
+@contextlib.contextmanager
+def jlog_of(cluster, node: str) -> Iterator[Callable[..., Any]]:
+    """``call(method, timeout, **args)`` on ``node``'s jlog service, one connection for all calls."""
     node_of(cluster, node)
-    with client_for(cluster, node) as c:
-        return c.call(node, "jlog", method, timeout=timeout, **args)
+    with member_client(cluster, node) as c:
+        yield lambda method, timeout, **args: c.call(node, "jlog", method, timeout=timeout, **args)
+
+
+def call_jlog(cluster, node: str, method: str, timeout: float, **args) -> Any:
+    """One call of ``jlog.<method>`` on ``node``."""
+    with jlog_of(cluster, node) as call:
+        return call(method, timeout, **args)
+
+
+def jlog_answer(config, node: str, method: str, timeout: float, json_: bool, **args) -> dict | None:
+    """The answer of ``jlog.<method>`` on ``node`` for a command to show, or None once
+    it is printed as JSON (``--json``)."""
+    rep = call_jlog(load(config), node, method, timeout, **args)
+    if json_:
+        print_json(rep)
+        return None
+    return rep
 
 
 def batches(stream: BinaryIO, max_records: int = WRITE_BATCH_RECORDS,
@@ -123,13 +133,11 @@ def logs_write(config: ConfigOpt = None, member: MemberOpt = ..., log: LogOpt = 
     Example: echo "hello" | ecluster logs write -c cluster.toml --member n1 --log mainlog
     """
     from bus.client import BusError
-    cluster = load(config)
-    node_of(cluster, member)
     acked = 0
-    with client_for(cluster, member) as c:
+    with jlog_of(load(config), member) as call:
         for batch in batches(sys.stdin.buffer):
             try:
-                c.call(member, "jlog", "write", timeout=timeout, log=log, records=batch)
+                call("write", timeout, log=log, records=batch)
             except BusError as e:
                 die(f"{e} ({acked} records acknowledged before this batch of {len(batch)})")
             acked += len(batch)
@@ -260,10 +268,8 @@ def logs_inspect(config: ConfigOpt = None, member: MemberOpt = ..., log: LogOpt 
 
     Example: ecluster logs inspect -c cluster.toml --member n1 --log mainlog
     """
-    cluster = load(config)
-    rep = call_jlog(cluster, member, "inspect", timeout, log=log)
-    if json_:
-        print_json(rep)
+    rep = jlog_answer(config, member, "inspect", timeout, json_, log=log)
+    if rep is None:
         return
     typer.echo(f"log {rep['name']} on {member} at {rep['path']} (writer pid {rep.get('writer_pid')})")
     typer.echo(f"seqs {rep['first_seq']}..{rep['last_seq']}, {len(rep['segments'])} segment(s), "
@@ -289,8 +295,7 @@ def logs_repair(config: ConfigOpt = None, member: MemberOpt = ..., log: LogOpt =
 
     Example: ecluster logs repair -c cluster.toml --member n1 --log mainlog --force
     """
-    cluster = load(config)
-    print_json(call_jlog(cluster, member, "repair", timeout, log=log, force=force))
+    jlog_answer(config, member, "repair", timeout, True, log=log, force=force)
 
 
 @app.command("subscribers")
@@ -300,10 +305,8 @@ def logs_subscribers(config: ConfigOpt = None, member: MemberOpt = ..., log: Log
 
     Example: ecluster logs subscribers -c cluster.toml --member n1 --log audit
     """
-    cluster = load(config)
-    rep = call_jlog(cluster, member, "subscribers", timeout, log=log)
-    if json_:
-        print_json(rep)
+    rep = jlog_answer(config, member, "subscribers", timeout, json_, log=log)
+    if rep is None:
         return
     for sub, s in sorted(rep["subscribers"].items()):
         typer.echo(f"{sub}\tcheckpoint {s['checkpoint']}\tlag {s['lag_records']} records / {s['lag_bytes']} bytes")
@@ -321,8 +324,7 @@ def logs_remove_subscriber(subscriber: Annotated[str, typer.Argument(metavar="SU
 
     Example: ecluster logs remove-subscriber logagg-m9 -c cluster.toml --member n1 --log mainlog
     """
-    cluster = load(config)
-    rep = call_jlog(cluster, member, "remove_subscriber", timeout, log=log, subscriber=subscriber)
+    rep = jlog_answer(config, member, "remove_subscriber", timeout, False, log=log, subscriber=subscriber)
     note = " (declared: it comes back when jlog restarts)" if rep.get("redeclared_at_restart") else ""
     typer.echo(f"removed subscriber {subscriber} from {log} on {member}{note}")
 

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ecluster.commands.common import ConfigOpt, JsonOpt, die, load, new_app, print_json
+from ecluster.commands.common import ConfigOpt, JsonOpt, die, first_answer, load, new_app, print_json
 from ecluster.commands.node import app as node_app
 
 app = new_app("Durable VIPs: who owns each address, and moving them.")
@@ -18,20 +18,8 @@ def ask_cluster(cluster, service: str, method: str, timeout: float = TIMEOUT, **
     A reply that is an error (RemoteError) is the cluster's answer and is raised as is;
     only members that do not answer at all are skipped.
     """
-    from bus.client import CallTimeout, RemoteError, SyncClient
-    last = None
-    for name in cluster.members:
-        try:
-            with SyncClient(cluster, remote=name) as c:
-                return c.call(name, service, method, timeout=timeout, **args)
-        except RemoteError as e:
-            if e.code in ("unreachable", "no_service"):
-                last = e
-                continue
-            raise
-        except CallTimeout as e:
-            last = e
-    die(f"no member answered ({last})")
+    return first_answer(cluster, cluster.members,
+                        lambda c, name: c.call(name, service, method, timeout=timeout, **args))
 
 
 def coordinator_status(cluster) -> dict:
