@@ -27,11 +27,13 @@ How it behaves:
   A VIP address that does not exist on this host (VIP dry-run) cannot be bound: it is
   retried at the next status, so under dry-run the service listens exactly where the
   address is local (e.g. 127.0.0.100 on lo).
-* **250 only when durable.** After DATA the message is written to the spool (tmp, fsync,
-  rename, fsync of the directory), then a reception record to the node's ``mainlog``
-  journal (``jlog.write`` answers once durable). Only then is the client answered
-  ``250``. If the journal write fails the spool file is withdrawn and the client gets
-  ``451`` (it retries, possibly on another node after a failover).
+* **250 only when durable.** After DATA the message is written to the spool's ``tmp/``
+  and fsynced, then a reception record goes to the node's ``mainlog`` journal
+  (``jlog.write`` answers once durable), then the file is renamed into the spool and the
+  directory fsynced. Only then is the client answered ``250``. So every message in a
+  spool has its reception record, even after a kill -9 at any point. If the journal
+  write fails the staged file is dropped and the client gets ``451`` (it retries,
+  possibly on another node after a failover).
 * **Audit.** Every connection counts one ``connections`` event for the client address in
   as_logger; every refused recipient or message one ``rejects`` event. Session events go
   to the plug-in's own log. Both are sent in batches in the background.
@@ -69,6 +71,11 @@ MAINLOG = "mainlog"
 JOURNAL_TIMEOUT = 5.0
 #: background batches (audit events, session records) go out this often
 FLUSH_EVERY = 0.25
+#: how long a background batch may take. A batch that times out is sent again, and a slow
+#: as_logger may have counted it already (add_batch has no idempotency key), so this is
+#: long: a local call that takes 10 s means the receiver died, and then its open window
+#: (with the batch in it) died too and sending it again is right.
+FLUSH_TIMEOUT = 10.0
 #: bounds of what waits for as_logger / the journal while they do not answer
 MAX_PENDING_AUDIT = 100_000
 MAX_PENDING_RECORDS = 50_000
@@ -266,7 +273,7 @@ class SmtpService(Service):
         self._bind_noted: dict[str, int] = {}  # vip -> errno last logged (log a failure once)
         self.pending_audit: Counter = Counter()
         self.pending_records: list[bytes] = []
-        self._flushing = False
+        self._flush_task: asyncio.Task | None = None   # the background flush (a reference keeps it alive)
         self.counters = {"connections": 0, "accepted": 0, "rejected": 0, "temp_failures": 0,
                          "bytes_accepted": 0, "listener_starts": 0, "listener_stops": 0,
                          "audit_dropped": 0, "records_dropped": 0}
@@ -299,6 +306,8 @@ class SmtpService(Service):
     async def handle_stop(self) -> None:
         for vip in list(self.listeners):
             self._stop_listener(vip)
+        if self._flush_task is not None and not self._flush_task.done():
+            await asyncio.wait([self._flush_task], timeout=1.0)     # its batch is not in pending
         await self._flush(timeout=1.0)
 
     async def handle_event(self, topic: str, body: Any, env) -> None:
@@ -310,8 +319,8 @@ class SmtpService(Service):
             self.log.warning("no vip.status for %.1f s: closing every listener", self.stale_after)
             for vip in list(self.listeners):
                 self._stop_listener(vip)
-        if not self._flushing and (self.pending_audit or self.pending_records):
-            asyncio.get_running_loop().create_task(self._flush(timeout=2.0))
+        if (self._flush_task is None or self._flush_task.done()) and (self.pending_audit or self.pending_records):
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush(timeout=FLUSH_TIMEOUT))
 
     # -- listeners ------------------------------------------------------------------------
     async def _follow(self, held: Any, dry_run: bool) -> None:
@@ -399,32 +408,28 @@ class SmtpService(Service):
     async def _flush(self, timeout: float) -> None:
         """Send the pending audit events and session records; kept for the next tick when
         the receiver is not there, dropped (counted) when it refuses them for good."""
-        self._flushing = True
-        try:
-            if self.pending_audit:
-                batch = dict(self.pending_audit)
-                self.pending_audit.clear()
-                try:
-                    await self.call(None, "as_logger", "add_batch", timeout=timeout,
-                                    events=[[s, a, n] for (s, a), n in batch.items()])
-                except BusError as e:
-                    if refused_for_good(e):
-                        self.counters["audit_dropped"] += len(batch)
-                        self.log.error("as_logger refused %d audit events: %s", len(batch), e)
-                    else:
-                        self.pending_audit.update(batch)
-            if self.pending_records:
-                records, self.pending_records = self.pending_records, []
-                try:
-                    await self.call(None, "jlog", "write", timeout=timeout, log=self.settings.log, records=records)
-                except BusError as e:
-                    if refused_for_good(e):
-                        self.counters["records_dropped"] += len(records)
-                        self.log.error("the journal refused %d session records: %s", len(records), e)
-                    else:
-                        self.pending_records[:0] = records
-        finally:
-            self._flushing = False
+        if self.pending_audit:
+            batch = dict(self.pending_audit)
+            self.pending_audit.clear()
+            try:
+                await self.call(None, "as_logger", "add_batch", timeout=timeout,
+                                events=[[s, a, n] for (s, a), n in batch.items()])
+            except BusError as e:
+                if refused_for_good(e):
+                    self.counters["audit_dropped"] += len(batch)
+                    self.log.error("as_logger refused %d audit events: %s", len(batch), e)
+                else:
+                    self.pending_audit.update(batch)
+        if self.pending_records:
+            records, self.pending_records = self.pending_records, []
+            try:
+                await self.call(None, "jlog", "write", timeout=timeout, log=self.settings.log, records=records)
+            except BusError as e:
+                if refused_for_good(e):
+                    self.counters["records_dropped"] += len(records)
+                    self.log.error("the journal refused %d session records: %s", len(records), e)
+                else:
+                    self.pending_records[:0] = records
 
     # -- a message ----------------------------------------------------------------------------
     async def receive(self, s: Session, session, envelope) -> str:
@@ -445,8 +450,11 @@ class SmtpService(Service):
         message = envelope.original_content or b""
         data = spool_bytes(msg_id, envelope.mail_from or "", envelope.rcpt_tos, peer, session.host_name or "",
                            s.vip, self.settings.hostname, message, now)
+        # staged (durable in tmp/), journalled, then committed: a crash at any point leaves
+        # either nothing in the spool or a message whose reception record is journalled, and
+        # the window in which a committed message's 250 can still be lost is one rename
         try:
-            path = await self.offload(self.spool.write, msg_id, data)
+            await self.offload(self.spool.stage, msg_id, data)
         except OSError as e:
             self.log.error("cannot spool a message: %s", e)
             self.counters["temp_failures"] += 1
@@ -455,24 +463,37 @@ class SmtpService(Service):
         record = reception_record(msg_id=msg_id, node=self.member.name, vip=s.vip, port=self.settings.port,
                                   peer=peer, helo=session.host_name or "", mail_from=envelope.mail_from or "",
                                   rcpts=envelope.rcpt_tos, size=len(message),
-                                  spool=str(path.relative_to(self.data_dir)), at=now)
+                                  spool=str(self.spool.path(msg_id).relative_to(self.data_dir)), at=now)
         try:
             await self.call(None, "jlog", "write", timeout=JOURNAL_TIMEOUT, log=MAINLOG, records=[record])
         except BusError as e:
-            # not durable as a whole: withdraw the spool file so a retry is not a duplicate
-            self.log.error("reception record of %s not journalled (%s): withdrawing it", msg_id, e)
-            try:
-                await self.offload(self.spool.remove, msg_id)
-            except OSError as e2:
-                self.log.error("cannot withdraw %s: %s", msg_id, e2)
+            # not durable as a whole: drop the staged file so a retry is not a duplicate
+            self.log.error("reception record of %s not journalled (%s): dropping it", msg_id, e)
+            await self._discard(msg_id)
             self.counters["temp_failures"] += 1
             self.note_reject(s, "data", "451 journal write failed")
             return "451 4.3.0 Cannot journal the message now; try again later"
+        try:
+            await self.offload(self.spool.commit, msg_id)
+        except OSError as e:
+            # journalled but not spooled: the record names a file that does not exist; the
+            # client retries, so nothing is lost
+            self.log.error("cannot commit %s to the spool after journalling it: %s", msg_id, e)
+            await self._discard(msg_id)
+            self.counters["temp_failures"] += 1
+            self.note_reject(s, "data", "451 spool commit failed")
+            return "451 4.3.0 Cannot store the message now; try again later"
         self.counters["accepted"] += 1
         self.counters["bytes_accepted"] += len(message)
         self.spooled += 1
         self._record("accept", vip=s.vip, peer=peer, id=msg_id, size=len(message), rcpts=len(envelope.rcpt_tos))
         return f"250 2.0.0 OK queued as {msg_id}"
+
+    async def _discard(self, msg_id: str) -> None:
+        try:
+            await self.offload(self.spool.discard, msg_id)
+        except OSError as e:
+            self.log.error("cannot drop the staged %s: %s", msg_id, e)
 
     # -- RPC ----------------------------------------------------------------------------------
     def rpc_status(self) -> dict:

@@ -6,9 +6,11 @@ Layout::
     <data_dir>/spool/tmp/<id>     being written (never acknowledged; removed at open)
     <data_dir>/spool/.lock        flock held by the one smtp service using this spool
 
-A message is written to ``tmp/``, fsynced, renamed into place and the directory fsynced
-(:meth:`Spool.write`): after it returns the file survives a crash, and a crash before
-that leaves at most a file in ``tmp/`` that no client was told about. The lock is the
+A message is written to ``tmp/`` and fsynced (:meth:`Spool.stage`), then renamed into
+place and the directory fsynced (:meth:`Spool.commit`); :meth:`Spool.write` does both.
+The SMTP service journals the message's reception record between the two steps, so a
+file in the spool always has its reception record, and a crash before the commit leaves
+at most a file in ``tmp/`` that no client was told about (removed at the next open). The lock is the
 same kind as the data-directory lock (:class:`node.datadir.DirLock`): a second process
 pointed at the same spool, on this machine or another one sharing the storage, refuses.
 
@@ -146,8 +148,12 @@ class Spool:
 
     def write(self, msg_id: str, data: bytes) -> Path:
         """Store ``data`` as message ``msg_id``; durable when this returns."""
-        final = self.path(msg_id)
-        tmp = self.tmp / msg_id
+        self.stage(msg_id, data)
+        return self.commit(msg_id)
+
+    def stage(self, msg_id: str, data: bytes) -> Path:
+        """Write ``data`` durably under ``tmp/`` (not yet in the spool); returns that path."""
+        tmp = self.tmp / check_id(msg_id)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             view = memoryview(data)
@@ -159,9 +165,22 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
-        os.rename(tmp, final)
+        return tmp
+
+    def commit(self, msg_id: str) -> Path:
+        """Move a staged message into the spool; durable when this returns."""
+        final = self.path(msg_id)
+        os.rename(self.tmp / msg_id, final)
         _fsync_dir(self.directory)
         return final
+
+    def discard(self, msg_id: str) -> bool:
+        """Drop a staged message that will not be committed."""
+        try:
+            (self.tmp / check_id(msg_id)).unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def remove(self, msg_id: str) -> bool:
         """Withdraw message ``msg_id`` (its reception could not be made durable)."""
