@@ -363,9 +363,10 @@ class Demo:
         from node.datadir import DirLock, LockedError
         wd = self.plan.workdir
         wd.parent.mkdir(parents=True, exist_ok=True)
-        # the lock file lives beside the work directory: it must outlive the directory's removal
-        # (a lock file that is deleted while held lets a second demo lock a fresh one)
-        lock = DirLock(lock_path(wd), f"ecluster demo (pid {os.getpid()})", kind="demo directory")
+        # the lock file lives beside the work directory (it must outlive the directory's
+        # removal); it is unlinked on release, safely (DirLock re-checks the inode it locked)
+        lock = DirLock(lock_path(wd), f"ecluster demo (pid {os.getpid()})", kind="demo directory",
+                       unlink_on_release=True)
         try:
             lock.acquire()
         except LockedError as e:

@@ -51,18 +51,45 @@ class DirLock:
     directory"); the directory named is ``path``'s parent. Use as a context manager or
     :meth:`acquire` / :meth:`release`. :attr:`fd` may be handed to a child process
     (``pass_fds``) so that the lock lives exactly as long as the child too.
+
+    ``unlink_on_release`` removes the file on release, for a lock beside a directory that
+    goes away with it (the demo's): the file is unlinked while still locked, and
+    :meth:`acquire` re-checks after locking that the path still names the inode it locked,
+    so a process that locked a just-unlinked file retries instead of holding a phantom.
     """
 
-    def __init__(self, path: Path, what: str, kind: str = "data directory"):
+    def __init__(self, path: Path, what: str, kind: str = "data directory", unlink_on_release: bool = False):
         self.path = Path(path)
         self.what = what
         self.kind = kind
+        self.unlink_on_release = unlink_on_release
         self.fd: int | None = None
 
     def acquire(self) -> "DirLock":
         if self.fd is not None:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):                 # only an unlinking holder makes this loop
+            fd = self._lock_once()
+            if not self.unlink_on_release or self._still_named(fd):
+                break
+            os.close(fd)
+        else:
+            raise LockedError(f"{self.kind} {self.path.parent}: its lock file keeps being replaced")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n{self.what}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def _still_named(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def _lock_once(self) -> int:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -74,15 +101,17 @@ class DirLock:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise LockedError(locked_message(self.kind, self.path.parent, text)) from None
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n{self.what}\n".encode(), 0)
-        self.fd = fd
-        return self
+        return fd
 
     def release(self) -> None:
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
+        if self.unlink_on_release:
+            try:
+                os.unlink(self.path)     # while still locked: see the class docstring
+            except FileNotFoundError:
+                pass
         try:
             os.ftruncate(fd, 0)      # no stale "in use by" text for whoever looks next
         except OSError:

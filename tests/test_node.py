@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import fcntl
 import os
 import signal
 import subprocess
@@ -40,6 +41,27 @@ def test_dir_lock_refuses_a_second_holder_and_is_released(tmp_path):
     with DirLock(path, "node n2") as again:          # released: free again
         assert again.fd is not None
     assert path.read_text() == ""                     # no stale holder text left behind
+
+
+def test_dir_lock_unlinked_on_release_never_gives_two_holders(tmp_path):
+    """A lock file removed on release: a process that opened the old file before the unlink
+    must not count its flock on the orphaned inode as holding the lock."""
+    path = tmp_path / "demo.lock"
+    first = DirLock(path, "demo 1", unlink_on_release=True).acquire()
+    stale_fd = os.open(path, os.O_RDWR)               # a second process opened it, then waits
+    try:
+        first.release()
+        assert not path.exists()                      # nothing left behind
+        fcntl.flock(stale_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # the orphan locks fine...
+        probe = DirLock(path, "demo 2", unlink_on_release=True)
+        assert not probe._still_named(stale_fd)       # ...but acquire() would see it is not named
+        with DirLock(path, "demo 3", unlink_on_release=True) as third:
+            assert third._still_named(third.fd)
+            with pytest.raises(LockedError, match="in use by demo 3"):
+                DirLock(path, "demo 4", unlink_on_release=True).acquire()
+        assert not path.exists()
+    finally:
+        os.close(stale_fd)
 
 
 def test_dir_lock_held_by_a_killed_process_is_free(tmp_path):
