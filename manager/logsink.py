@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from node.fsutil import fsync_dir
+
 STATE_DIR = ".logagg"
 SLOT_SIZE = 512
 _STATE_MAGIC = b"ECLS"
@@ -126,14 +128,6 @@ def new_records(records: Sequence[Sequence], done_seq: int) -> list:
 
 # -- I/O ----------------------------------------------------------------------------------
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _makedirs_durable(root: Path, rel_dir: str) -> None:
     """Create ``root/rel_dir`` and fsync every parent whose entry was added."""
     cur = root
@@ -141,7 +135,7 @@ def _makedirs_durable(root: Path, rel_dir: str) -> None:
         nxt = cur / part
         if not nxt.is_dir():
             os.makedirs(nxt, exist_ok=True)
-            _fsync_dir(cur)
+            fsync_dir(cur)
         cur = nxt
 
 
@@ -172,7 +166,7 @@ class Sink:
         if fresh:
             os.ftruncate(self._state_fd, 2 * SLOT_SIZE)
             os.fsync(self._state_fd)
-            _fsync_dir(self.state_path.parent)
+            fsync_dir(self.state_path.parent)
         data = os.pread(self._state_fd, 2 * SLOT_SIZE, 0)
         state = newest_state(data)
         if state is None and any(data):
@@ -223,7 +217,7 @@ class Sink:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         if not existed:
             os.fsync(fd)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         size = os.fstat(fd).st_size
         if rel != self.state.path:
             self._save(self.state.seq, rel, size)

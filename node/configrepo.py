@@ -56,6 +56,7 @@ from git.exc import BadName, GitCommandError
 from git.refs.symbolic import SymbolicReference
 
 from ecluster.clusterfile import NAME_RE, ClusterFileError, parse_cluster
+from node.fsutil import atomic_write, fsync_dir, fsync_file
 
 log = logging.getLogger(__name__)
 
@@ -414,40 +415,14 @@ def validate_tree(repo: "git.Repo | MemberRepo", rev: str,
 
 # ----------------------------------------------------------------------------- I/O helpers
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     """fsync every file and directory of a fresh checkout (git does not sync working trees)."""
     for dirpath, dirnames, filenames in os.walk(root):
         for f in filenames:
             p = Path(dirpath, f)
             if not p.is_symlink():
-                _fsync_file(p)
-        _fsync_dir(Path(dirpath))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+                fsync_file(p)
+        fsync_dir(Path(dirpath))
 
 
 def _one_line(e: GitCommandError) -> str:
@@ -614,8 +589,8 @@ class MemberRepo:
             raise OutOfDate() from None
         ref = self.git_dir / MAIN
         if ref.exists():
-            _fsync_file(ref)
-        _fsync_dir(ref.parent)
+            fsync_file(ref)
+        fsync_dir(ref.parent)
         self._drop_merged_proposals()
 
     def _drop_merged_proposals(self) -> None:
@@ -1039,11 +1014,11 @@ class MemberRepo:
                         raise ModifiedLocally(conflicts)
                 if previous == sha and not changes:
                     if self.recorded_rev() != sha:
-                        _write_atomic(self.applied_file, f"{sha}\n".encode())
+                        atomic_write(self.applied_file, f"{sha}\n".encode())
                     return AppliedResult(sha, previous, live, changed=False)
             checkout = self._check_out_beside(sha)
             self._swap_live(checkout)
-            _write_atomic(self.applied_file, f"{sha}\n".encode())
+            atomic_write(self.applied_file, f"{sha}\n".encode())
             self._remove_old_checkouts(keep={checkout, live})
             return AppliedResult(sha, previous, checkout, changed=True)
 
@@ -1057,7 +1032,7 @@ class MemberRepo:
             prev = max(older, key=lambda p: checkout_seq(p.name))
             sha = self._checkout_head(prev)
             self._swap_live(prev)
-            _write_atomic(self.applied_file, f"{sha}\n".encode())
+            atomic_write(self.applied_file, f"{sha}\n".encode())
             return AppliedResult(sha, self._checkout_head(live), prev, changed=True)
 
     def _checkout_dirs(self) -> list[Path]:
@@ -1070,7 +1045,7 @@ class MemberRepo:
         path = self.checkouts / next_checkout_name((p.name for p in self.checkouts.iterdir()), sha)
         self._git("worktree", "add", "-q", "--detach", str(path), sha)
         _fsync_tree(path)
-        _fsync_dir(self.checkouts)
+        fsync_dir(self.checkouts)
         return path
 
     def _swap_live(self, checkout: Path) -> None:
@@ -1079,7 +1054,7 @@ class MemberRepo:
             tmp.unlink()
         os.symlink(os.path.relpath(checkout, self.data_dir), tmp)
         os.replace(tmp, self.conf)          # the atomic step: readers see old or new, never neither
-        _fsync_dir(self.data_dir)
+        fsync_dir(self.data_dir)
 
     def _remove_old_checkouts(self, keep: set[Path | None]) -> None:
         stray = False

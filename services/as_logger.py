@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import re
 import time
 from collections import deque
@@ -43,7 +42,9 @@ import msgpack
 from bus.client import BusError, RemoteError
 from node.audit import (SERIES_NAME_PATTERN, AuditError, AuditLogger, Window, encode_window,
                         parse_address)
+from node.fsutil import atomic_write
 from services.base import Service, ServiceError
+from services.pulling import PullPolicy, next_backoff
 
 JOURNAL_LOG = "audit"
 #: bound of the queue of closed windows waiting for the journal
@@ -53,9 +54,9 @@ MAX_PENDING_WINDOWS = 100_000
 WRITE_BATCH_BYTES = 2 << 20
 WRITE_BATCH_RECORDS = 1000
 WRITE_TIMEOUT = 5.0
-#: retry delays while the journal refuses or does not answer
-RETRY_MIN = 0.5
-RETRY_MAX = 10.0
+#: retry delays while the journal refuses or does not answer: doubling from 0.5 s up to
+#: 10 s (only the back-off fields of the policy are used: writes are not a pull loop)
+RETRY_POLICY = PullPolicy(idle_wait=0.0, backoff_min=0.5, backoff_max=10.0, read_timeout=WRITE_TIMEOUT)
 #: most events in one add_batch call
 MAX_BATCH = 200_000
 STATE_FILE = "state.msgpack"
@@ -107,11 +108,6 @@ def split_window(window: Window, max_addresses: int = PART_ADDRESSES) -> list[Wi
     return [Window(window.series, window.start + i * PART_OFFSET if i else window.start, window.end,
                    dict(items[at:at + max_addresses]))
             for i, at in enumerate(range(0, len(items), max_addresses))]
-
-
-def next_retry(delay: float) -> float:
-    """The delay after one more failed write: doubling from RETRY_MIN up to RETRY_MAX. Pure."""
-    return RETRY_MIN if delay <= 0 else min(RETRY_MAX, delay * 2)
 
 
 def take_batch(pending: deque, max_bytes: int = WRITE_BATCH_BYTES, max_records: int = WRITE_BATCH_RECORDS) -> list:
@@ -286,9 +282,9 @@ class AsLoggerService(Service):
     def _write_failed(self, e: BusError) -> None:
         self.stats["write_failures"] += 1
         self.last_write_error = str(e)
-        self.retry_delay = next_retry(self.retry_delay)
+        self.retry_delay = next_backoff(self.retry_delay, RETRY_POLICY)
         self.retry_at = time.monotonic() + self.retry_delay
-        if self.retry_delay >= RETRY_MAX or self.stats["write_failures"] == 1:
+        if self.retry_delay >= RETRY_POLICY.backoff_max or self.stats["write_failures"] == 1:
             self.log.warning("audit journal write failed (%d windows waiting): %s", len(self.pending), e)
 
     def _drop_head(self, batch: list, written: bool = False) -> None:
@@ -340,9 +336,4 @@ class AsLoggerService(Service):
         data = msgpack.packb({"closed_until": closed_until,
                               "pending": [[record, n] for record, n in self.pending]}, use_bin_type=True)
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_path)
+        atomic_write(self.state_path, data)

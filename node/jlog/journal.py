@@ -99,6 +99,8 @@ from typing import Iterable, Sequence
 
 import lmdb
 
+from node.fsutil import atomic_write, fsync_dir
+
 from .format import (
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
@@ -244,14 +246,6 @@ class _Segment:
 
 def _now() -> float:
     return round(time.time(), 3)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _alarm_key(kind: str, subscriber: str | None) -> bytes:
@@ -532,7 +526,6 @@ class Journal:
                 os.unlink(self._seg_path(empty.first))
             self._write_new_segment_file(next_seq)
             self._segs.append(_Segment(next_seq, SEGMENT_HEADER_SIZE, next_seq, exact=True, index_seqs=[], index_offs=[]))
-            _fsync_dir(self._path)
         self._firsts = [s.first for s in self._segs]
         self._next_seq = next_seq
 
@@ -560,16 +553,10 @@ class Journal:
         self._wfd = os.open(self._seg_path(self._segs[-1].first), os.O_WRONLY | os.O_APPEND)
 
     def _write_new_segment_file(self, first: int) -> None:
-        """Create a segment atomically: header written and synced under a temp name, then renamed."""
+        """Create a segment atomically and durably: header synced under a temp name (a
+        ``.seg.tmp`` left by a crash is removed at open), renamed, directory synced."""
         final = self._seg_path(first)
-        tmp = final + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, encode_segment_header(first))
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
+        atomic_write(final, encode_segment_header(first), mode=0o644, tmp=final + ".tmp")
 
     # ------------------------------------------------------------------ LMDB helpers
 
@@ -785,7 +772,6 @@ class Journal:
             raise JournalError(f"log {self._name!r}: cannot create segment: {exc.strerror}") from exc
         os.close(self._wfd)
         self._wfd = os.open(self._seg_path(new_first), os.O_WRONLY | os.O_APPEND)
-        _fsync_dir(self._path)
         self._segs[-1].exact = True
         self._segs.append(_Segment(new_first, SEGMENT_HEADER_SIZE, new_first, exact=True, index_seqs=[], index_offs=[]))
         self._firsts.append(new_first)
@@ -887,7 +873,7 @@ class Journal:
             os.unlink(self._seg_path(seg.first))
         gone_firsts = {seg.first for seg in gone}
         self._pos_cache = {k: v for k, v in self._pos_cache.items() if v[0] not in gone_firsts}
-        _fsync_dir(self._path)
+        fsync_dir(self._path)
 
     # ------------------------------------------------------------------ subscribers
 
