@@ -16,20 +16,25 @@ The anchor is keepalived, run by the unchanged scripts in ../shared/anchors (nam
 ecluster runs in its own lab (tests/vip_cluster.LabCluster: namespaces ``ecl…-*``, subnet
 10.99.0.0/24, 3 nodes + 1 manager, one VIP preferring n1), once per timing preset:
 
-  failover    N rounds: client probing the VIP every 5 ms; kill -9 everything in the owner's
+  failover    N rounds: the client starts a connection to the VIP every 5 ms (overlapping
+              attempts, tests/probe.py); kill -9 everything in the owner's
               namespace and down its link; seconds until another node answers the client
   failback    after each kill: the node returns; the longest client gap while the VIP moves
               back to it (release, then acquire)
   move        N graceful ``election.move`` calls (n2, n3, n1, ...): the longest client gap
   partition   the owner cut off from every other member (the client still reaches all) for
-              HOLD s: most nodes holding the VIP at one sampled instant (every 10 ms); then
+              HOLD s: most nodes holding the VIP at one sampled instant (every 10 ms, by the
+              nodes' addresses and by ARP answers to the client); then
               the heal: the longest client gap until the VIP is back on n1
   isolation   every member cut off from every other: holders once the leases lapsed (must be
               0), then the heal: seconds until the VIP is owned again and the client answered
 
 Definitions (the same for both systems): failover = first probe answered by another node
-(its end) minus the kill instant. "gap" = the longest window between two answered probes
-(tests/probe_analysis), so a clean move still shows the probe cadence (~5-10 ms);
+(the earliest answer to an attempt started after the kill) minus the kill instant. "gap" =
+the longest window between two answered probes (tests/probe_analysis), so a clean move still
+shows the probe cadence (~5 ms). ecluster's probe overlaps attempts, so a SYN lost in a
+handover costs one attempt, not the gap; keepalived's anchor probe (unchanged) is blocking
+with a 50 ms connect timeout, so its gaps and failovers can carry up to ~50 ms more;
 "outage" = keepalived's figure, the summed windows that contain failed probes (0 when no
 probe failed). p99 is the nearest-rank percentile (with 10 rounds it is the maximum).
 
@@ -348,6 +353,12 @@ def format_table(summaries: dict[str, dict], comps: list[dict], targets: list[di
             detail = "; ".join(f"members {x['members']} in '{x['phase']}'" for x in d[:3])
             lines.append(f"{name}: instants with two holders (addresses read every 10 ms, whole run): "
                          f"{s['double_holder_instants']}" + (f" ({detail})" if detail else ""))
+        if s.get("arp_rounds") is not None:
+            d = s.get("arp_double_samples") or []
+            detail = "; ".join(f"members {x['members']} in '{x['phase']}'" for x in d[:3])
+            lines.append(f"{name}: ARP rounds from the client answered by two members (every 10 ms, "
+                         f"whole run): {s['arp_double_rounds']} of {s['arp_rounds']}"
+                         + (f" ({detail})" if detail else ""))
     lines.append("")
     lines.append("failback gap: longest window between two answers while the VIP moves back (outage: summed "
                  "windows with failed probes); heal cut s: longest client gap after the heal (ecluster),\n"
@@ -559,11 +570,17 @@ class EclusterBench:
         return next((lab for t0, lab in reversed(self.phases) if t0 <= t), None)
 
     def double_holders(self) -> list[dict]:
-        """Every instant with two holders (AddressSampler.double_holder_instants: one member's
-        read shows the VIP while another's reads just before and just after it do too), with
-        the scenario it fell in."""
+        """Every instant with two holders by the members' addresses
+        (AddressSampler.address_double_holder_instants: one member's read shows the VIP while
+        another's reads just before and just after it do too), with the scenario it fell in."""
         return [{"t": round(t, 3), "vip": vip, "members": h, "phase": self.label_at(t)}
-                for t, vip, h in self.sampler.double_holder_instants()]
+                for t, vip, h in self.sampler.address_double_holder_instants()]
+
+    def arp_double_holders(self) -> list[dict]:
+        """Every ARP round from the client answered by two members (ArpSampler), with the
+        scenario it fell in."""
+        return [{"t": round(t, 3), "vip": vip, "members": h, "phase": self.label_at(t)}
+                for t, vip, h in self.sampler.arp_double_holders()]
 
     def pass_level_doubles(self) -> int:
         """Sampling passes that saw two holders. A pass reads the members one after the
@@ -571,7 +588,7 @@ class EclusterBench:
         return sum(1 for _, d in self.sampler.snapshot() for h in d.values() if len(h) > 1)
 
     def max_holders(self, a: float, b: float) -> int:
-        """Most members holding the VIP at one instant within [a, b]."""
+        """Most members holding the VIP at one instant within [a, b] (addresses or ARP)."""
         doubles = [len(h) for t, v, h in self.sampler.double_holder_instants() if a <= t <= b and v == VIP]
         if doubles:
             return max(doubles)
@@ -668,7 +685,7 @@ class EclusterBench:
         done = time.time()
         time.sleep(TRAIL_S)
         a = p.stop()
-        back = next((x for x in a.attempts if x.t0 >= t_back and x.who == "n1"), None)
+        back = a.first_answer(t_back, "n1")
         gap = a.longest_gap(t_back, done + TRAIL_S)
         return {"failback_breakdown": move_breakdown(self.events(t_back, done), t_back, holder, "n1", VIP),
                 "failback_gap_s": round(gap.length, 4),
@@ -690,7 +707,7 @@ class EclusterBench:
         done = time.time()
         time.sleep(TRAIL_S)
         a = p.stop()
-        first = next((x for x in a.attempts if x.t0 >= t0 and x.who == target), None)
+        first = a.first_answer(t0, target)
         return {"from": before, "to": target,
                 "breakdown": move_breakdown(self.events(t0, done), t0, before, target, VIP),
                 "gap_s": round(a.longest_gap(t0, done + TRAIL_S).length, 4),
@@ -751,7 +768,7 @@ class EclusterBench:
         a = p.stop()
         samples = self.sampler.snapshot()
         lapsed = first_time(samples, VIP, t_iso, lambda n: n == 0)
-        first = next((x for x in a.attempts if x.t0 >= t_heal and x.who is not None), None)
+        first = a.first_answer(t_heal)
         ev = self.events(t_heal, t_owned + 1)
         return {"holders_during_isolation": self.max_holders(t_iso, t_heal),
                 "heal_breakdown": {
@@ -843,6 +860,8 @@ def bench_ecluster(preset: str, rounds: int) -> dict:
         sampler.stop()
         res["double_holder_samples"] = b.double_holders()
         res["double_holder_instants"] = len(res["double_holder_samples"])
+        res["arp_double_samples"] = b.arp_double_holders()
+        res["arp"] = sampler.arp.stats() if sampler.arp is not None else None
         res["pass_level_doubles"] = b.pass_level_doubles()
         res["max_holders_whole_run"] = sampler.max_holders(VIP)
         res["sampler_pass"] = sampler.pass_stats()
@@ -857,6 +876,9 @@ def bench_ecluster(preset: str, rounds: int) -> dict:
         [r["gap_s"] for r in mr], parts, res.get("isolation"))
     res["summary"]["double_holder_instants"] = res.get("double_holder_instants")
     res["summary"]["double_holder_samples"] = res.get("double_holder_samples", [])[:20]
+    res["summary"]["arp_double_rounds"] = len(res.get("arp_double_samples", []))
+    res["summary"]["arp_double_samples"] = res.get("arp_double_samples", [])[:20]
+    res["summary"]["arp_rounds"] = (res.get("arp") or {}).get("rounds")
     res["summary"]["pass_level_doubles"] = res.get("pass_level_doubles")
     return res
 

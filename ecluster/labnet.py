@@ -1,18 +1,19 @@
-"""A network-namespace lab for ``ecluster demo`` (root only), built with pyroute2.
+"""The network-namespace lab (root only), built with pyroute2: one implementation.
 
-The same topology as the test lab (tests/lab.py), kept here so the installed package
-does not depend on the test tree::
+``ecluster demo`` uses :class:`LabNet` directly; the test lab (tests/lab.py) builds its
+richer ``Lab`` (partitions, flaps, samplers, tracked processes) on top of it, so the names,
+the marker files, the build and the clean-up exist once, here, in the installed package::
 
     <prefix>hub : bridge br0, one veth port per endpoint (vm1, vm2, ..., vc)
     <prefix>m1  : eth0 = <subnet>.11/24      (member 1) ...
     <prefix>c   : eth0 = <subnet>.2/24       (client)
 
-Names use the test lab's scheme (``ecl<pid % 10000><3 random chars>-``) and its marker
-files (``/run/ecluster-lab/<prefix>.pid``: pid and start time of the creator), so either
-lab's clean-up removes the other's leftovers once their creator is dead, and nothing
-that a live process still owns. No interface is ever created in the root namespace:
-the host reaches the lab only through sockets made inside a namespace
-(:class:`NsSockets`).
+Names are ``ecl<pid % 10000><3 random chars>-`` so that two labs never collide with each
+other nor with keepalived's ``lab-*`` namespaces. A marker file
+``/run/ecluster-lab/<prefix>.pid`` records the creator (pid and start time), so that
+:func:`cleanup_stale` removes the leftovers of a crashed lab, and nothing that a live
+process still owns. No interface is ever created in the root namespace: the host reaches
+the lab only through sockets made inside a namespace (:class:`NsSockets`).
 """
 from __future__ import annotations
 
@@ -28,39 +29,68 @@ import string
 import subprocess
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 MARKER_DIR = Path("/run/ecluster-lab")
 NETNS_DIR = Path("/run/netns")
 PREFIX_RE = re.compile(r"^ecl\d{1,4}[a-z0-9]{3}-$")
 FIRST_MEMBER_HOST = 11
 CLIENT_HOST = 2
+MAX_MEMBERS = 254 - FIRST_MEMBER_HOST
 BRIDGE = "br0"
 IFACE = "eth0"
 CLONE_NEWNET = 0x40000000
+KILL_WAIT_S = 5.0
+_SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 
 
 class LabNetError(RuntimeError):
-    """The lab cannot be built or used; one-line message."""
+    """The lab cannot be built or used (bad argument, unknown namespace, failed set-up); one line."""
 
+
+# -- pure -------------------------------------------------------------------------------------
 
 def make_prefix(pid: int, suffix: str) -> str:
-    """The namespace-name prefix for a lab made by ``pid``. Pure."""
+    """The namespace-name prefix for a lab made by ``pid`` with a 3-char ``suffix``. Pure."""
     prefix = f"ecl{pid % 10000}{suffix}-"
     if not PREFIX_RE.match(prefix):
         raise LabNetError(f"invalid lab prefix {prefix!r}")
     return prefix
 
 
+def random_prefix(pid: int) -> str:
+    """A prefix for ``pid`` with a random suffix."""
+    return make_prefix(pid, "".join(secrets.choice(_SUFFIX_ALPHABET) for _ in range(3)))
+
+
+def validate_subnet(subnet: str) -> str:
+    """``subnet`` ("a.b.c", the first three octets of a /24), normalised; LabNetError if bad. Pure."""
+    parts = subnet.split(".") if isinstance(subnet, str) else []
+    if len(parts) != 3 or not all(p.isdigit() and 0 <= int(p) <= 255 for p in parts):
+        raise LabNetError(f"subnet must be three octets like '10.99.0', got {subnet!r}")
+    return ".".join(str(int(p)) for p in parts)
+
+
+def validate_n_members(n_members) -> int:
+    """``n_members`` when it is an int in 1..MAX_MEMBERS; LabNetError otherwise. Pure."""
+    if not isinstance(n_members, int) or isinstance(n_members, bool) or not 1 <= n_members <= MAX_MEMBERS:
+        raise LabNetError(f"n_members must be an int in 1..{MAX_MEMBERS}, got {n_members!r}")
+    return n_members
+
+
+# -- processes and namespaces -------------------------------------------------------------------
+
 def process_start_time(pid: int) -> str | None:
     """Start time of ``pid`` (clock ticks since boot), or None if it is gone."""
     try:
+        # The comm field may contain spaces and parentheses; the fields after the last ')' are fixed.
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
 
 
-def _ns_inode(name: str) -> tuple[int, int] | None:
+def ns_inode(name: str) -> tuple[int, int] | None:
+    """(device, inode) of the named namespace, or None when it does not exist."""
     try:
         st = os.stat(NETNS_DIR / name)
     except OSError:
@@ -68,9 +98,9 @@ def _ns_inode(name: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def pids_in_namespaces(names: Sequence[str]) -> list[int]:
+def pids_in_namespaces(names: Iterable[str]) -> list[int]:
     """PIDs of the processes living in the namespaces ``names`` (never our own)."""
-    wanted = {ino for ino in map(_ns_inode, names) if ino is not None}
+    wanted = {ino for ino in map(ns_inode, names) if ino is not None}
     if not wanted:
         return []
     out = []
@@ -87,7 +117,7 @@ def pids_in_namespaces(names: Sequence[str]) -> list[int]:
     return out
 
 
-def kill_everything_in(names: Sequence[str], wait: float = 5.0) -> None:
+def kill_everything_in(names: Sequence[str], wait: float = KILL_WAIT_S) -> None:
     """SIGKILL (by PID) every process in the namespaces ``names`` until none is left."""
     deadline = time.monotonic() + wait
     while True:
@@ -99,10 +129,11 @@ def kill_everything_in(names: Sequence[str], wait: float = 5.0) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        time.sleep(0.02)
+        time.sleep(0.01)
 
 
-def _remove_ns(name: str) -> None:
+def remove_namespace(name: str) -> None:
+    """Delete the named namespace; absent is fine."""
     from pyroute2 import netns
     try:
         netns.remove(name)
@@ -111,8 +142,30 @@ def _remove_ns(name: str) -> None:
             raise
 
 
+def open_ns(name: str):
+    """An RTNL handle (pyroute2 IPRoute) inside namespace ``name``: never creates it, no multicast."""
+    from pyroute2 import IPRoute
+    if ns_inode(name) is None:
+        raise LabNetError(f"network namespace {name!r} does not exist")
+    return IPRoute(netns=name, flags=0, groups=0)
+
+
+def link_index(ipr, ifname: str) -> int:
+    """Index of ``ifname`` on the handle's namespace; LabNetError when there is none."""
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise LabNetError(f"interface {ifname!r} not found")
+    return found[0]
+
+
 def cleanup_stale() -> list[str]:
-    """Remove the namespaces of labs whose creator is dead; return their names."""
+    """Remove the namespaces of labs whose creator is dead; return their names.
+
+    A lab is stale when its marker file names a process that no longer exists (pid plus
+    start time, so a recycled pid does not count as alive). Only namespaces whose name
+    starts with such a stale ``ecl…-`` prefix are touched: their processes are killed by
+    PID, then the namespaces are deleted and the marker removed.
+    """
     removed: list[str] = []
     try:
         markers = sorted(MARKER_DIR.iterdir())
@@ -127,16 +180,69 @@ def cleanup_stale() -> list[str]:
             pid_text, started = marker.read_text().split()[:2]
             pid = int(pid_text)
         except (OSError, ValueError):
-            continue              # being written right now
+            continue              # half-written marker of a lab being created right now
         if process_start_time(pid) == started:
             continue              # its creator is alive: not ours to touch
         names = [n for n in existing if n.startswith(prefix)]
         kill_everything_in(names)
         for n in names:
-            _remove_ns(n)
+            remove_namespace(n)
             removed.append(n)
         marker.unlink(missing_ok=True)
     return removed
+
+
+def claim_prefix(prefix: str) -> tuple[str, Path]:
+    """Write the marker of a lab prefix (trying ``prefix`` first, then random ones).
+
+    The marker is written before any namespace exists, so even a half-built lab is found by
+    :func:`cleanup_stale`. Returns (prefix, marker path).
+    """
+    MARKER_DIR.mkdir(parents=True, exist_ok=True)
+    me = os.getpid()
+    started = process_start_time(me)
+    for _ in range(50):
+        marker = MARKER_DIR / f"{prefix[:-1]}.pid"
+        clash = NETNS_DIR.is_dir() and any(n.startswith(prefix) for n in os.listdir(NETNS_DIR))
+        if not clash:
+            try:
+                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{me} {started}\n")
+                return prefix, marker
+        prefix = random_prefix(me)
+    raise LabNetError("could not find a free lab prefix")
+
+
+def build_topology(hub_ns: str, endpoints: Sequence[tuple[str, str, str]], created: list[str]) -> None:
+    """Create ``hub_ns`` with a bridge and, for each (port, namespace, address), the namespace
+    with eth0 = address/24 on a veth whose peer is a bridge port; everything up.
+
+    Each namespace name is appended to ``created`` as soon as it exists (so a failure half-way
+    leaves a list of what to remove).
+    """
+    from pyroute2 import netns
+    for name in [hub_ns, *(ns for _, ns, _ in endpoints)]:
+        netns.create(name)
+        created.append(name)
+    with open_ns(hub_ns) as hub:
+        hub.link("add", ifname=BRIDGE, kind="bridge")
+        bridge = link_index(hub, BRIDGE)
+        hub.link("set", index=bridge, state="up")
+        hub.link("set", index=link_index(hub, "lo"), state="up")
+        for port, ns, _ in endpoints:
+            # made inside the hub: no interface ever appears in the root namespace
+            hub.link("add", ifname=port, kind="veth", peer={"ifname": IFACE, "net_ns_fd": ns})
+            hub.link("set", index=link_index(hub, port), master=bridge, state="up")
+    for _, ns, addr in endpoints:
+        with open_ns(ns) as ipr:
+            eth0 = link_index(ipr, IFACE)
+            ipr.addr("add", index=eth0, address=addr, prefixlen=24)
+            ipr.link("set", index=eth0, state="up")
+            ipr.link("set", index=link_index(ipr, "lo"), state="up")
 
 
 class NsSockets:
@@ -161,26 +267,30 @@ class NsSockets:
         finally:
             os.close(fd)
 
-    def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM,
+               proto: int = 0) -> socket.socket:
         """A new socket inside the namespace (blocking until the worker made it)."""
-        return self._pool.submit(socket.socket, family, kind).result(timeout=10)
+        return self._pool.submit(socket.socket, family, kind, proto).result(timeout=10)
+
+    def run(self, fn, *args):
+        """``fn(*args)`` on the worker, inside the namespace (e.g. a bind by interface name)."""
+        return self._pool.submit(fn, *args).result(timeout=10)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 
 
 class LabNet:
-    """Namespaces for ``n_members`` members and a client on one bridge; :meth:`down` always."""
+    """Namespaces for ``n_members`` members and a client on one bridge; :meth:`down` always.
+
+    The prefix is chosen at construction (so names are known before :meth:`up`) and claimed
+    (marker file) by :meth:`up`, which may pick another one if it is taken.
+    """
 
     def __init__(self, n_members: int, subnet: str = "10.77.0"):
-        if not 1 <= n_members <= 200:
-            raise LabNetError(f"n_members must be in 1..200, got {n_members}")
-        parts = subnet.split(".")
-        if len(parts) != 3 or not all(p.isdigit() and 0 <= int(p) <= 255 for p in parts):
-            raise LabNetError(f"subnet must be three octets like '10.77.0', got {subnet!r}")
-        self.n_members = n_members
-        self.subnet = subnet
-        self.prefix = ""
+        self.n_members = validate_n_members(n_members)
+        self.subnet = validate_subnet(subnet)
+        self.prefix = random_prefix(os.getpid())
         self.marker: Path | None = None
         self.created: list[str] = []
         self.procs: list[subprocess.Popen] = []
@@ -188,27 +298,34 @@ class LabNet:
     # -- names --------------------------------------------------------------------------
     @property
     def hub_ns(self) -> str:
+        """Name of the namespace holding the bridge."""
         return f"{self.prefix}hub"
 
     @property
     def client_ns(self) -> str:
+        """Name of the client namespace."""
         return f"{self.prefix}c"
 
     def member_ns(self, i: int) -> str:
+        """Name of member ``i``'s namespace (1-based)."""
         return f"{self.prefix}m{i}"
 
     def address(self, host: int) -> str:
+        """The address <subnet>.<host>."""
         return f"{self.subnet}.{host}"
 
     def member_address(self, i: int) -> str:
+        """Member ``i``'s eth0 address: <subnet>.11, .12, ..."""
         return self.address(FIRST_MEMBER_HOST - 1 + i)
 
     @property
     def client_address(self) -> str:
+        """The client's eth0 address (<subnet>.2)."""
         return self.address(CLIENT_HOST)
 
     @property
     def namespaces(self) -> list[str]:
+        """Every namespace name of this lab (hub, members, client)."""
         return [self.hub_ns, *(self.member_ns(i) for i in range(1, self.n_members + 1)), self.client_ns]
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -218,58 +335,20 @@ class LabNet:
             raise LabNetError("network namespaces need root")
         try:
             cleanup_stale()
-            self._claim()
-            self._build()
+            self.prefix, self.marker = claim_prefix(self.prefix)
+            endpoints = [(f"vm{i}", self.member_ns(i), self.member_address(i))
+                         for i in range(1, self.n_members + 1)]
+            endpoints.append(("vc", self.client_ns, self.client_address))
+            build_topology(self.hub_ns, endpoints, self.created)
         except BaseException:
             self.down()
             raise
         return self
 
-    def _claim(self) -> None:
-        MARKER_DIR.mkdir(parents=True, exist_ok=True)
-        me, started = os.getpid(), process_start_time(os.getpid())
-        alphabet = string.ascii_lowercase + string.digits
-        for _ in range(50):
-            prefix = make_prefix(me, "".join(secrets.choice(alphabet) for _ in range(3)))
-            if NETNS_DIR.is_dir() and any(n.startswith(prefix) for n in os.listdir(NETNS_DIR)):
-                continue
-            try:
-                fd = os.open(MARKER_DIR / f"{prefix[:-1]}.pid", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{me} {started}\n")
-            self.prefix, self.marker = prefix, MARKER_DIR / f"{prefix[:-1]}.pid"
-            return
-        raise LabNetError("could not find a free lab prefix")
-
-    def _build(self) -> None:
-        from pyroute2 import IPRoute, netns
-        for name in self.namespaces:
-            netns.create(name)
-            self.created.append(name)
-        endpoints = [(f"vm{i}", self.member_ns(i), self.member_address(i)) for i in range(1, self.n_members + 1)]
-        endpoints.append(("vc", self.client_ns, self.client_address))
-        with IPRoute(netns=self.hub_ns, flags=0, groups=0) as hub:
-            hub.link("add", ifname=BRIDGE, kind="bridge")
-            bridge = hub.link_lookup(ifname=BRIDGE)[0]
-            hub.link("set", index=bridge, state="up")
-            for port, ns, _ in endpoints:
-                # made inside the hub: no interface ever appears in the root namespace
-                hub.link("add", ifname=port, kind="veth", peer={"ifname": IFACE, "net_ns_fd": ns})
-                hub.link("set", index=hub.link_lookup(ifname=port)[0], master=bridge, state="up")
-        for _, ns, addr in endpoints:
-            with IPRoute(netns=ns, flags=0, groups=0) as ipr:
-                eth0 = ipr.link_lookup(ifname=IFACE)[0]
-                ipr.addr("add", index=eth0, address=addr, prefixlen=24)
-                ipr.link("set", index=eth0, state="up")
-                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-
     def add_address(self, ns: str, address: str, prefixlen: int = 24) -> None:
         """Add ``address`` to eth0 in ``ns`` (e.g. more client source addresses)."""
-        from pyroute2 import IPRoute
-        with IPRoute(netns=ns, flags=0, groups=0) as ipr:
-            ipr.addr("add", index=ipr.link_lookup(ifname=IFACE)[0], address=address, prefixlen=prefixlen)
+        with open_ns(ns) as ipr:
+            ipr.addr("add", index=link_index(ipr, IFACE), address=address, prefixlen=prefixlen)
 
     def popen(self, ns: str, argv: Sequence[str], **kw) -> subprocess.Popen:
         """Start ``argv`` inside ``ns`` in a new session (killed by :meth:`down`)."""
@@ -292,7 +371,7 @@ class LabNet:
             except subprocess.TimeoutExpired:
                 pass
         for name in reversed(self.created):
-            _remove_ns(name)
+            remove_namespace(name)
         self.created.clear()
         if self.marker is not None:
             self.marker.unlink(missing_ok=True)

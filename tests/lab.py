@@ -1,4 +1,4 @@
-"""Network-namespace test lab, built with pyroute2.
+"""Network-namespace test lab, built with pyroute2 on top of :mod:`ecluster.labnet`.
 
 Topology (one lab)::
 
@@ -7,10 +7,9 @@ Topology (one lab)::
     <prefix>m2  : eth0 = <subnet>.12/24      (member 2) ...
     <prefix>c   : eth0 = <subnet>.2/24       (client)
 
-The prefix is ``ecl<pid % 10000><3 random chars>-`` so that two labs never collide with each
-other nor with keepalived's ``lab-*`` namespaces. A marker file ``/run/ecluster-lab/<prefix>.pid``
-records the creating process (pid and start time) so that :func:`cleanup_stale` can remove the
-leftovers of a crashed run without touching anything that is still owned by a live process.
+Names, marker files (``/run/ecluster-lab/<prefix>.pid``), the build and the clean-up of
+crashed labs are :mod:`ecluster.labnet`'s (the same code ``ecluster demo`` uses); this module
+adds what tests need: tracked processes, link flaps, partitions, address and ARP samplers.
 
 Setup and inspection go through pyroute2 only; ``ip netns exec`` is used solely to start
 processes inside a namespace (:meth:`Lab.popen`).
@@ -23,24 +22,27 @@ import bisect
 import errno
 import ipaddress
 import os
-import re
-import secrets
+import select
 import signal
 import socket
-import string
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from pyroute2 import IPRoute, netns
+
+from ecluster import labnet
+from ecluster.labnet import (MARKER_DIR, NETNS_DIR, LabNetError, cleanup_stale,  # noqa: F401 - re-exported
+                             make_prefix, validate_subnet)
 
 __all__ = [
     "LabError",
     "Lab",
     "AddressSampler",
+    "ArpSampler",
     "FlapHandle",
     "cleanup_stale",
     "partition_blackholes",
@@ -49,44 +51,25 @@ __all__ = [
     "MARKER_DIR",
 ]
 
-MARKER_DIR = Path("/run/ecluster-lab")
-NETNS_DIR = Path("/run/netns")
 WHOAMI_SCRIPT = Path(__file__).with_name("whoami.py")
 PROBE_SCRIPT = Path(__file__).with_name("probe.py")
 
-# Only names of exactly this shape are ever considered ours by cleanup_stale().
-_PREFIX_RE = re.compile(r"^ecl\d{1,4}[a-z0-9]{3}-$")
-_RANDOM_ALPHABET = string.ascii_lowercase + string.digits
-_FIRST_MEMBER_HOST = 11
-_CLIENT_HOST = 2
-_BRIDGE = "br0"
-_IFACE = "eth0"
-_KILL_WAIT_S = 5.0
+_IFACE = labnet.IFACE
+_KILL_WAIT_S = labnet.KILL_WAIT_S
 
+# The lab's error is labnet's: one class whichever layer found the problem.
+LabError = LabNetError
 
-class LabError(Exception):
-    """Bad use of the lab (bad argument, unknown namespace, lab not up) or a failed setup."""
+# Shared helpers under the names this module (and tests/vip_cluster.py) always used.
+_process_start_time = labnet.process_start_time
+_kill_everything_in = labnet.kill_everything_in
+_open_ns = labnet.open_ns
+_link_index = labnet.link_index
 
 
 # ---------------------------------------------------------------------------------------------
 # Pure helpers (no I/O)
 # ---------------------------------------------------------------------------------------------
-
-def make_prefix(pid: int, suffix: str) -> str:
-    """Namespace-name prefix for a lab created by `pid` with a 3-char random `suffix`."""
-    prefix = f"ecl{pid % 10000}{suffix}-"
-    if not _PREFIX_RE.match(prefix):
-        raise LabError(f"invalid lab prefix {prefix!r}")
-    return prefix
-
-
-def validate_subnet(subnet: str) -> str:
-    """Return `subnet` ("a.b.c", the first three octets of a /24) or raise LabError."""
-    parts = subnet.split(".")
-    if len(parts) != 3 or not all(p.isdigit() and 0 <= int(p) <= 255 for p in parts):
-        raise LabError(f"subnet must be three octets like '10.99.0', got {subnet!r}")
-    return ".".join(str(int(p)) for p in parts)
-
 
 def validate_groups(groups: Sequence[Sequence[int]], n_members: int) -> list[list[int]]:
     """Check a partition spec: 1-based member indices, each at most once.
@@ -128,98 +111,32 @@ def partition_blackholes(groups: Sequence[Sequence[int]], addresses: dict[int, s
     }
 
 
+def arp_round_holders(replies: Sequence[tuple[str, str]], vips: Sequence[str],
+                      member_of_mac: dict[str, int]) -> dict[str, list[int]]:
+    """Who answered one ARP round: {vip: sorted member indices}. Pure.
+
+    `replies` are (sender IP, sender MAC) of the ARP replies received in the round; a MAC
+    that is no member's counts as member 0 (still a holder, never merged with another).
+    """
+    seen: dict[str, set[int]] = {v: set() for v in vips}
+    for ip, mac in replies:
+        if ip in seen:
+            seen[ip].add(member_of_mac.get(mac, 0))
+    return {v: sorted(m) for v, m in seen.items()}
+
+
 # ---------------------------------------------------------------------------------------------
-# Process / namespace helpers (I/O)
+# Namespace inspection helpers (I/O)
 # ---------------------------------------------------------------------------------------------
-
-def _process_start_time(pid: int) -> str | None:
-    """Start time (clock ticks since boot) of `pid`, or None if it does not exist."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The comm field may contain spaces and parentheses; fields after the last ')' are fixed.
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[19]  # field 22 overall: starttime
-
-
-def _owner_alive(pid: int, start_time: str) -> bool:
-    return _process_start_time(pid) == start_time
-
-
-def _ns_inode(name: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(NETNS_DIR / name)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-def _pids_in_namespaces(names: Iterable[str]) -> list[int]:
-    """PIDs of processes whose network namespace is one of `names` (never our own pid)."""
-    wanted = {ino for ino in (_ns_inode(n) for n in names) if ino is not None}
-    if not wanted:
-        return []
-    me = os.getpid()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            st = os.stat(f"/proc/{entry}/ns/net")
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) in wanted:
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_pids(pids: Iterable[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _kill_everything_in(names: Sequence[str], deadline_s: float = _KILL_WAIT_S) -> None:
-    """SIGKILL (by PID) every process living in the namespaces `names`, until none is left."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        pids = _pids_in_namespaces(names)
-        if not pids or time.monotonic() > deadline:
-            return
-        _kill_pids(pids)
-        time.sleep(0.01)
-
-
-def _remove_namespace(name: str) -> None:
-    try:
-        netns.remove(name)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            raise
-
-
-def _open_ns(name: str) -> IPRoute:
-    """An RTNL handle inside namespace `name`: never creates the namespace, no multicast."""
-    if _ns_inode(name) is None:
-        raise LabError(f"network namespace {name!r} does not exist")
-    return IPRoute(netns=name, flags=0, groups=0)
-
-
-def _link_index(ipr: IPRoute, ifname: str) -> int:
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise LabError(f"interface {ifname!r} not found")
-    return found[0]
-
 
 def _link_up(ipr: IPRoute, index: int) -> bool:
     links = ipr.get_links(index)
     return bool(links) and bool(links[0]["flags"] & 1)   # IFF_UP
+
+
+def _link_mac(ipr: IPRoute, index: int) -> str:
+    links = ipr.get_links(index)
+    return (links[0].get_attr("IFLA_ADDRESS") or "").lower() if links else ""
 
 
 def _ipv4_addresses(ipr: IPRoute, index: int) -> set[str]:
@@ -228,42 +145,6 @@ def _ipv4_addresses(ipr: IPRoute, index: int) -> set[str]:
         for msg in ipr.addr("dump", family=socket.AF_INET, index=index)
         if msg.get("index") == index
     }
-
-
-def cleanup_stale() -> list[str]:
-    """Remove namespaces left by crashed labs; return the names removed.
-
-    A lab is stale when its marker file ``/run/ecluster-lab/<prefix>.pid`` names a process
-    that no longer exists (pid plus start time, so a recycled pid does not count as alive).
-    Only namespaces whose name starts with such a stale ``ecl…-`` prefix are touched: their
-    processes are killed by PID, then the namespaces are deleted and the marker removed.
-    """
-    removed: list[str] = []
-    try:
-        markers = sorted(MARKER_DIR.iterdir())
-    except FileNotFoundError:
-        return removed
-    existing = sorted(os.listdir(NETNS_DIR)) if NETNS_DIR.is_dir() else []
-    for marker in markers:
-        if marker.suffix != ".pid":
-            continue
-        prefix = marker.stem + "-"
-        if not _PREFIX_RE.match(prefix):
-            continue
-        try:
-            pid_text, start_time = marker.read_text().split()[:2]
-            owner_pid = int(pid_text)
-        except (OSError, ValueError):
-            continue  # half-written marker of a lab being created right now: leave it
-        if _owner_alive(owner_pid, start_time):
-            continue
-        names = [n for n in existing if n.startswith(prefix)]
-        _kill_everything_in(names)
-        for name in names:
-            _remove_namespace(name)
-            removed.append(name)
-        marker.unlink(missing_ok=True)
-    return removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,19 +165,14 @@ class Lab:
     """
 
     def __init__(self, n_members: int, subnet: str = "10.99.0"):
-        if not isinstance(n_members, int) or isinstance(n_members, bool) or not (
-                1 <= n_members <= 254 - _FIRST_MEMBER_HOST):
-            raise LabError(f"n_members must be an int in 1..{254 - _FIRST_MEMBER_HOST}, "
-                           f"got {n_members!r}")
-        self.n_members = n_members
-        self.subnet = validate_subnet(subnet)
-        self.prefix = make_prefix(os.getpid(), "".join(
-            secrets.choice(_RANDOM_ALPHABET) for _ in range(3)))
-        self._marker: Path | None = None
-        self._created: list[str] = []
+        # namespaces, marker and build are labnet's (the same code as `ecluster demo`'s lab)
+        self._net = labnet.LabNet(n_members, subnet)
+        self.n_members = self._net.n_members
+        self.subnet = self._net.subnet
         self._tracked: list[_Tracked] = []
         self._blackholes: dict[int, set[str]] = {}
         self._samplers: list[AddressSampler] = []
+        self._arp_samplers: list[ArpSampler] = []
         self._flaps: list[FlapHandle] = []
         self._lock = threading.RLock()
         self._is_up = False
@@ -305,38 +181,43 @@ class Lab:
     # -- names and addresses -----------------------------------------------------------------
 
     @property
+    def prefix(self) -> str:
+        """Namespace-name prefix (``ecl<pid><3 chars>-``); final once the lab is up."""
+        return self._net.prefix
+
+    @property
     def hub_ns(self) -> str:
         """Name of the namespace holding the bridge."""
-        return f"{self.prefix}hub"
+        return self._net.hub_ns
 
     @property
     def client_ns(self) -> str:
         """Name of the client namespace."""
-        return f"{self.prefix}c"
+        return self._net.client_ns
 
     @property
     def client_address(self) -> str:
         """IPv4 address of the client's eth0."""
-        return self.address(_CLIENT_HOST)
+        return self._net.client_address
 
     def member_ns(self, i: int) -> str:
         """Name of member `i`'s namespace (1-based)."""
-        return f"{self.prefix}m{self._check_member(i)}"
+        return self._net.member_ns(self._check_member(i))
 
     def member_address(self, i: int) -> str:
         """IPv4 address of member `i`'s eth0 (1-based): <subnet>.11, .12, ..."""
-        return self.address(_FIRST_MEMBER_HOST - 1 + self._check_member(i))
+        return self._net.member_address(self._check_member(i))
 
     def address(self, host: int) -> str:
         """The address <subnet>.<host>, e.g. for a VIP (host 1..254)."""
-        if not isinstance(host, int) or not 1 <= host <= 254:
+        if not isinstance(host, int) or isinstance(host, bool) or not 1 <= host <= 254:
             raise LabError(f"host part must be in 1..254, got {host!r}")
-        return f"{self.subnet}.{host}"
+        return self._net.address(host)
 
     @property
     def namespaces(self) -> list[str]:
         """Every namespace name of this lab (hub, members, client)."""
-        return [self.hub_ns] + [self.member_ns(i) for i in self.members] + [self.client_ns]
+        return self._net.namespaces
 
     @property
     def members(self) -> range:
@@ -368,58 +249,11 @@ class Lab:
         self._is_up = True
         atexit.register(self.down)
         try:
-            cleanup_stale()
-            self._claim_prefix()
-            self._build()
+            self._net.up()          # cleans stale labs, claims the prefix, builds; undoes itself on failure
         except BaseException:
             self.down()
             raise
         return self
-
-    def _claim_prefix(self) -> None:
-        """Write the marker file first, so even a half-built lab is found by cleanup_stale()."""
-        MARKER_DIR.mkdir(parents=True, exist_ok=True)
-        me = os.getpid()
-        start_time = _process_start_time(me)
-        for _ in range(50):
-            marker = MARKER_DIR / f"{self.prefix[:-1]}.pid"
-            clash = NETNS_DIR.is_dir() and any(
-                n.startswith(self.prefix) for n in os.listdir(NETNS_DIR))
-            if not clash:
-                try:
-                    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                except FileExistsError:
-                    pass
-                else:
-                    with os.fdopen(fd, "w") as f:
-                        f.write(f"{me} {start_time}\n")
-                    self._marker = marker
-                    return
-            self.prefix = make_prefix(me, "".join(
-                secrets.choice(_RANDOM_ALPHABET) for _ in range(3)))
-        raise LabError("could not find a free lab prefix")
-
-    def _build(self) -> None:
-        for name in self.namespaces:
-            netns.create(name)
-            self._created.append(name)
-        endpoints = [(f"vm{i}", self.member_ns(i), self.member_address(i)) for i in self.members]
-        endpoints.append(("vc", self.client_ns, self.client_address))
-        with _open_ns(self.hub_ns) as hub:
-            hub.link("add", ifname=_BRIDGE, kind="bridge")
-            bridge = _link_index(hub, _BRIDGE)
-            hub.link("set", index=bridge, state="up")
-            hub.link("set", index=_link_index(hub, "lo"), state="up")
-            for port, ns, _ in endpoints:
-                # Created inside the hub, so no interface ever appears in the root namespace.
-                hub.link("add", ifname=port, kind="veth", peer={"ifname": _IFACE, "net_ns_fd": ns})
-                hub.link("set", index=_link_index(hub, port), master=bridge, state="up")
-        for _, ns, addr in endpoints:
-            with _open_ns(ns) as ipr:
-                eth0 = _link_index(ipr, _IFACE)
-                ipr.addr("add", index=eth0, address=addr, prefixlen=24)
-                ipr.link("set", index=eth0, state="up")
-                ipr.link("set", index=_link_index(ipr, "lo"), state="up")
 
     def down(self) -> None:
         """Tear everything down: flaps, samplers, processes (by PID), namespaces, marker.
@@ -435,15 +269,14 @@ class Lab:
             flap.stop()
         for sampler in list(self._samplers):
             sampler._halt()
+        for arp in list(self._arp_samplers):
+            arp._halt()
         for t in self._tracked:
             self._kill_tracked(t)
         # Anything still living in our namespaces (e.g. something that escaped its process
-        # group with setsid) belongs to this lab: kill it by PID before deleting the namespaces.
-        _kill_everything_in(self._created)
-        for name in self._created:
-            _remove_namespace(name)
-        if self._marker is not None:
-            self._marker.unlink(missing_ok=True)
+        # group with setsid) belongs to this lab: labnet kills it by PID, then deletes the
+        # namespaces and the marker.
+        self._net.down()
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -637,13 +470,37 @@ class Lab:
         handle._start()
         return handle
 
-    def start_sampler(self, vips: list[str], interval: float = 0.01) -> "AddressSampler":
-        """Start an AddressSampler over every member namespace; returns once it is sampling."""
+    def start_sampler(self, vips: list[str], interval: float = 0.01,
+                      arp: bool = True) -> "AddressSampler":
+        """Start an AddressSampler over every member namespace; returns once it is sampling.
+
+        With `arp` (the default) an ArpSampler asks from the client every `interval` too; it
+        is the sampler's ``.arp``, stopped with it, and its two-holder rounds are part of
+        ``double_holder_instants()``.
+        """
         self._check_up()
         sampler = AddressSampler(self, vips, interval)
         self._samplers.append(sampler)
         sampler._start()
+        if arp:
+            try:
+                sampler.arp = self.start_arp_sampler(vips, interval)
+            except BaseException:
+                sampler._halt()
+                raise
         return sampler
+
+    def start_arp_sampler(self, vips: list[str], interval: float = 0.01) -> "ArpSampler":
+        """Start an ArpSampler in the client namespace; returns once it has sent its first round."""
+        self._check_up()
+        sampler = ArpSampler(self, vips, interval)
+        self._arp_samplers.append(sampler)
+        sampler._start()
+        return sampler
+
+    def arp_double_holders(self) -> list[tuple[float, str, list[int]]]:
+        """Every ARP round (of every ArpSampler of this lab) answered by two members for one VIP."""
+        return sorted(d for arp in self._arp_samplers for d in arp.double_holder_rounds())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -711,6 +568,7 @@ class AddressSampler:
     pass_durations: list[float] = field(default_factory=list)
     reads: list[tuple[float, int, frozenset]] = field(default_factory=list)   # (t, member, VIPs held)
     error: BaseException | None = None
+    arp: "ArpSampler | None" = None   # the client's ARP view, when started with arp=True
 
     def __post_init__(self):
         if isinstance(self.vips, str):
@@ -783,8 +641,10 @@ class AddressSampler:
             self._thread.join()
 
     def stop(self) -> None:
-        """Stop sampling; raise LabError if the sampling thread failed."""
+        """Stop sampling (and the ARP companion); raise LabError if a sampling thread failed."""
         self._halt()
+        if self.arp is not None:
+            self.arp.stop()
         if self.error is not None:
             raise LabError(f"address sampler failed: {self.error}")
 
@@ -794,14 +654,26 @@ class AddressSampler:
             return [(t, {v: list(h) for v, h in d.items()}) for t, d in self.samples]
 
     def max_holders(self, vip: str) -> int:
-        """Largest number of members that held `vip` at the same instant (see double_holder_instants)."""
+        """Largest number of members that held `vip` at the same instant (see
+        double_holder_instants), by their addresses or, with the ARP companion, by ARP answers."""
         if vip not in self.vips:
             raise LabError(f"{vip!r} is not sampled (sampling {self.vips})")
-        return max((len(h) for _, v, h in self._overlaps() if v == vip), default=1 if any(
+        by_address = max((len(h) for _, v, h in self._overlaps() if v == vip), default=1 if any(
             d[vip] for _, d in self.snapshot()) else 0)
+        return max(by_address, self.arp.max_holders(vip) if self.arp is not None else 0)
 
     def double_holder_instants(self) -> list[tuple[float, str, list[int]]]:
-        """Every (t, vip, holders) where more than one member held the same VIP at time t.
+        """Every (t, vip, holders) where more than one member held the same VIP at time t:
+        seen in the members' addresses (address_double_holder_instants) or, when the ARP
+        companion runs, answering one ARP round from the client (ArpSampler.double_holder_rounds).
+        """
+        out = self.address_double_holder_instants()
+        if self.arp is not None:
+            out += self.arp.double_holder_rounds()
+        return sorted(out)
+
+    def address_double_holder_instants(self) -> list[tuple[float, str, list[int]]]:
+        """Every (t, vip, holders) where the members' addresses show two holders at time t.
 
         One pass reads the namespaces one after another, and under load a pass can take
         tens of milliseconds, so two reads of one pass are not one instant. Member j's read
@@ -809,6 +681,10 @@ class AddressSampler:
         just before *and* just after z both show it too (i held it across z).
         """
         return [(t, v, h) for t, v, h in self._overlaps() if len(h) > 1]
+
+    def arp_double_holders(self) -> list[tuple[float, str, list[int]]]:
+        """The ARP companion's two-holder rounds ([] without one)."""
+        return self.arp.double_holder_rounds() if self.arp is not None else []
 
     def _overlaps(self) -> list[tuple[float, str, list[int]]]:
         with self._lock:
@@ -849,3 +725,173 @@ class AddressSampler:
             return {"n": 0}
         return {"n": len(d), "median": d[len(d) // 2],
                 "p99": d[min(len(d) - 1, int(len(d) * 0.99))], "max": d[-1]}
+
+
+
+class ArpSampler:
+    """Asks the wire from the client namespace who answers ARP for each VIP, every `interval` s.
+
+    A round broadcasts one ARP probe per VIP on the client's eth0 (RFC 5227: sender IP
+    0.0.0.0, built by node.netlink.build_arp_probe, so no ARP cache anywhere changes and the
+    nodes' own probe listeners ignore it) through an AF_PACKET socket, and collects the ARP
+    replies to it (op reply, target IP 0.0.0.0, target MAC the client's) until the next round
+    is sent. Sender MACs map to members by their eth0 MAC (0: no member's). Two members
+    answering one round for one VIP = two holders.
+
+    Why this is one instant: the bridge floods a probe to every member within microseconds
+    and each kernel answers it in its receive path, so a handover (release, bus message,
+    acquire) cannot fit between two members' answers to one probe. Limit: a reply delayed
+    past the next round's send (10 ms) is counted in that round; that errs towards reporting
+    two holders, never towards missing them.
+
+    ``rounds`` counts rounds; ``history`` keeps (t, {vip: members}) only when the answer
+    changes (memory stays small over long runs); ``doubles`` every two-holder round.
+    """
+
+    def __init__(self, lab: Lab, vips: list[str], interval: float = 0.01):
+        if isinstance(vips, str):
+            raise LabError("vips must be a list of addresses")
+        try:
+            self.vips = [str(ipaddress.IPv4Address(v)) for v in vips]
+        except ValueError as e:
+            raise LabError(f"bad VIP: {e}") from None
+        if not interval > 0:
+            raise LabError(f"interval must be > 0, got {interval!r}")
+        self.lab, self.interval = lab, interval
+        self.rounds = 0
+        self.replies = 0
+        self.late_rounds = 0          # rounds sent more than one interval late (sampler starved)
+        self.history: list[tuple[float, dict[str, list[int]]]] = []
+        self.doubles: list[tuple[float, str, list[int]]] = []
+        self.member_of_mac: dict[str, int] = {}
+        self.client_mac = ""
+        self.error: BaseException | None = None
+        self._max: dict[str, int] = {v: 0 for v in self.vips}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="arp-sampler", daemon=True)
+
+    def _start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+        if self.error is not None:
+            raise LabError(f"ARP sampler could not start: {self.error}")
+
+    def _open(self) -> socket.socket:
+        from node.netlink import ETH_P_ARP, run_in_netns
+
+        def make() -> socket.socket:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+            try:
+                sock.bind((_IFACE, ETH_P_ARP))
+                sock.setblocking(False)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        return run_in_netns(self.lab.client_ns, make)
+
+    def _run(self) -> None:
+        from node.netlink import ARPOP_REPLY, build_arp_probe, parse_arp_frame
+        sock = None
+        try:
+            for i in self.lab.members:
+                with _open_ns(self.lab.member_ns(i)) as ipr:
+                    self.member_of_mac[_link_mac(ipr, _link_index(ipr, _IFACE))] = i
+            with _open_ns(self.lab.client_ns) as ipr:
+                self.client_mac = _link_mac(ipr, _link_index(ipr, _IFACE))
+            frames = [build_arp_probe(self.client_mac, v) for v in self.vips]
+            sock = self._open()
+            wanted = set(self.vips)
+
+            def drain(into: list) -> None:
+                while True:
+                    try:
+                        frame = sock.recv(128)
+                    except (BlockingIOError, InterruptedError):
+                        return
+                    arp = parse_arp_frame(frame)
+                    if (arp is not None and arp.op == ARPOP_REPLY and arp.sender_ip in wanted
+                            and arp.target_ip == "0.0.0.0" and arp.target_mac == self.client_mac):
+                        into.append((arp.sender_ip, arp.sender_mac))
+
+            drain([])                                   # nothing before our first round counts
+            next_tick = time.monotonic()
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now - next_tick > self.interval:
+                    self.late_rounds += 1
+                t_sent = time.time()
+                for frame in frames:
+                    sock.send(frame)
+                self._ready.set()
+                next_tick = max(next_tick + self.interval, now)
+                replies: list[tuple[str, str]] = []
+                while True:
+                    wait = next_tick - time.monotonic()
+                    if wait <= 0 or self._stop.is_set():
+                        break
+                    if select.select([sock], [], [], wait)[0]:
+                        drain(replies)
+                drain(replies)                          # whatever came in just before the next send
+                self._record(t_sent, arp_round_holders(replies, self.vips, self.member_of_mac),
+                             len(replies))
+        except BaseException as e:
+            if not self._stop.is_set():
+                self.error = e
+        finally:
+            self._ready.set()
+            if sock is not None:
+                sock.close()
+
+    def _record(self, t: float, holders: dict[str, list[int]], n_replies: int) -> None:
+        with self._lock:
+            self.rounds += 1
+            self.replies += n_replies
+            if not self.history or self.history[-1][1] != holders:
+                self.history.append((t, holders))
+            for v, h in holders.items():
+                self._max[v] = max(self._max[v], len(h))
+                if len(h) > 1:
+                    self.doubles.append((t, v, list(h)))
+
+    def _halt(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def stop(self) -> None:
+        """Stop sampling; raise LabError if the sampling thread failed."""
+        self._halt()
+        if self.error is not None:
+            raise LabError(f"ARP sampler failed: {self.error}")
+
+    def double_holder_rounds(self) -> list[tuple[float, str, list[int]]]:
+        """Every (t sent, vip, members) where two or more members answered one round."""
+        with self._lock:
+            return [(t, v, list(h)) for t, v, h in self.doubles]
+
+    def max_holders(self, vip: str) -> int:
+        """Most members that answered one round for `vip`."""
+        if vip not in self._max:
+            raise LabError(f"{vip!r} is not sampled (sampling {self.vips})")
+        with self._lock:
+            return self._max[vip]
+
+    def holders_at(self, t: float) -> dict[str, list[int]] | None:
+        """Who answered the latest round sent at or before `t` (time.time() scale), or None."""
+        with self._lock:
+            k = bisect.bisect_right([x for x, _ in self.history], t)
+            return None if k == 0 else {v: list(h) for v, h in self.history[k - 1][1].items()}
+
+    def snapshot(self) -> list[tuple[float, dict[str, list[int]]]]:
+        """The change points so far: (t, {vip: members}) whenever the answer changed."""
+        with self._lock:
+            return [(t, {v: list(h) for v, h in d.items()}) for t, d in self.history]
+
+    def stats(self) -> dict[str, int]:
+        """rounds, replies, late rounds, two-holder rounds."""
+        with self._lock:
+            return {"rounds": self.rounds, "replies": self.replies, "late_rounds": self.late_rounds,
+                    "double_rounds": len(self.doubles)}

@@ -7,6 +7,11 @@ Definitions used here:
 - an *answer instant* is the t1 of an answered attempt (when the name was received);
 - a *gap* is the time between consecutive answer instants, clipped to the window asked for
   and to the span the log covers (never claims an outage the probe did not observe).
+
+Attempts overlap (probe.py starts one every few ms without waiting for the previous one), so
+an attempt started earlier may be answered later (e.g. its SYN was lost): "the first answer
+after t" is the earliest answer instant among attempts started at or after t, not the answer
+of the earliest-started attempt.
 """
 
 from __future__ import annotations
@@ -98,18 +103,22 @@ class ProbeAnalysis:
                 best = a
         return best
 
+    def first_answer(self, t: float, who: str | None = None) -> Attempt | None:
+        """The earliest answer (by t1) to an attempt started at or after `t` (by `who` if given)."""
+        found = [a for a in self.answered if a.t0 >= t and (who is None or a.who == who)]
+        return min(found, key=lambda a: a.t1, default=None)
+
     def first_answer_by_other(self, t: float, owner: str | None = None) -> Attempt | None:
-        """First attempt started at or after `t` answered by a node other than `owner`.
+        """The earliest answer (by t1) to an attempt started at or after `t`, by a node other
+        than `owner`.
 
         `owner` defaults to whoever answered last before `t`.
         """
         if owner is None:
             last = self.last_answer_before(t)
             owner = last.who if last else None
-        for a in self.attempts:
-            if a.t0 >= t and a.who is not None and a.who != owner:
-                return a
-        return None
+        found = [a for a in self.answered if a.t0 >= t and a.who != owner]
+        return min(found, key=lambda a: a.t1, default=None)
 
     def failover_s(self, t: float, owner: str | None = None) -> float | None:
         """Seconds from `t` to the first answer by another node (None if none came)."""

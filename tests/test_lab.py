@@ -11,7 +11,8 @@ import pytest
 from pyroute2 import IPRoute, netns
 
 from lab import (MARKER_DIR, NETNS_DIR, PROBE_SCRIPT, WHOAMI_SCRIPT, Lab, LabError,
-                 cleanup_stale, partition_blackholes, validate_groups)
+                 arp_round_holders, cleanup_stale, partition_blackholes, validate_groups)
+from probe import Prober
 from probe_analysis import ProbeAnalysisError, analyze, parse_lines
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
@@ -29,6 +30,12 @@ def wait_for(predicate, timeout=5.0, interval=0.01):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def span_rounds(arp):
+    """How many 10 ms rounds fit between an ArpSampler's first and last change point."""
+    snap = arp.snapshot()
+    return (snap[-1][0] - snap[0][0]) / arp.interval
 
 
 def lab_namespaces(prefix):
@@ -85,6 +92,95 @@ def test_bad_lab_arguments():
         lab.member_ns(3)
     with pytest.raises(LabError, match="not up"):
         lab.link_down(1)
+
+
+def test_arp_round_holders_counts_members_and_strangers():
+    macs = {"aa:00:00:00:00:01": 1, "aa:00:00:00:00:02": 2}
+    replies = [("10.0.0.100", "aa:00:00:00:00:01"), ("10.0.0.100", "aa:00:00:00:00:01"),
+               ("10.0.0.101", "aa:00:00:00:00:02"), ("10.0.0.101", "ee:ee:ee:ee:ee:ee"),
+               ("10.0.0.9", "aa:00:00:00:00:02")]
+    assert arp_round_holders(replies, ["10.0.0.100", "10.0.0.101", "10.0.0.102"], macs) == {
+        "10.0.0.100": [1], "10.0.0.101": [0, 2], "10.0.0.102": []}
+
+
+def test_overlapping_attempts_first_answer_is_by_answer_time():
+    # attempt 2 started first but its SYN was lost: the first answer after 0.0 is attempt 3's
+    recs = [(-0.01, -0.009, "m1"), (0.000, 0.250, None), (0.002, 1.003, "m2"), (0.007, 0.008, "m2"),
+            (0.012, 0.013, "m2")]
+    an = analyze(recs)
+    assert an.first_answer_by_other(0.0, "m1").t1 == pytest.approx(0.008)
+    assert an.first_answer(0.0).t1 == pytest.approx(0.008)
+    assert an.first_answer(0.0, "m1") is None
+    assert an.longest_gap(-0.02, 0.02).length == pytest.approx(0.017)
+
+
+def test_probe_keeps_its_cadence_while_syns_are_dropped():
+    """A listener whose accept queue is full drops SYNs: those attempts time out, yet new ones
+    keep starting every interval; once it accepts, the first answer comes within ~1 interval."""
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    prober = Prober("127.0.0.1", port, interval=0.005, timeout=0.1)
+    served = {}
+
+    def serve_later():
+        time.sleep(0.4)              # the outage being measured, not synchronisation
+        served["t"] = time.time()
+        srv.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            conn.sendall(b"late\n")
+            conn.close()
+
+    stop = threading.Event()
+    worker = threading.Thread(target=serve_later, daemon=True)
+    worker.start()
+    try:
+        records = prober.run(0.8)
+    finally:
+        stop.set()
+        worker.join()
+        srv.close()
+    starts = [r.t0 for r in records]
+    spacing = sorted(b - a for a, b in zip(starts, starts[1:]))
+    assert spacing[len(spacing) // 2] < 0.012, "attempts must not wait for each other"
+    assert any(r.err == "timeout" for r in records), "the full queue should have dropped SYNs"
+    an = analyze(records)
+    first = an.first_answer(served["t"])
+    assert first is not None and first.who == "late"
+    assert first.t1 - served["t"] < 0.1
+
+
+def test_probe_cpu_is_small():
+    """probe.py at a 5 ms cadence against a local whoami: its own CPU use (printed on stderr)."""
+    import re
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, str(WHOAMI_SCRIPT), "w", str(port), "127.0.0.1"])
+    def listening():
+        with socket.socket() as c:
+            return c.connect_ex(("127.0.0.1", port)) == 0
+    try:
+        assert wait_for(listening)
+        res = subprocess.run([sys.executable, str(PROBE_SCRIPT), "127.0.0.1", str(port), "2", "0.005"],
+                             capture_output=True, text=True, timeout=20)
+    finally:
+        server.kill()
+        server.wait()
+    an = analyze(parse_lines(res.stdout))
+    assert len(an.answered) > 200
+    m = re.search(r"\(([\d.]+)% of one core\)", res.stderr)
+    assert m, res.stderr
+    print(f"\nprobe.py, 5 ms cadence: {res.stderr.strip()}")
+    assert float(m.group(1)) < 30
 
 
 def test_probe_analysis_figures():
@@ -195,9 +291,22 @@ def test_sampler_sees_added_addresses():
         n_before = len(sampler.samples)
         wait_for(lambda: len(sampler.samples) >= n_before + 20, timeout=5)
         sampler.stop()
-        doubles = sampler.double_holder_instants()
+        doubles = sampler.address_double_holder_instants()
         assert doubles and all(v == VIP and h == [2, 4] for _, v, h in doubles)
         assert sampler.holders_at(doubles[0][0]) == {VIP: [2, 4]}
+        # the client's ARP view saw the same two holders, and nothing else
+        arp = sampler.arp
+        arp_doubles = arp.double_holder_rounds()
+        assert arp_doubles and all(v == VIP and h == [2, 4] for _, v, h in arp_doubles)
+        assert sampler.double_holder_instants() == sorted(doubles + arp_doubles)
+        assert lab.arp_double_holders() == arp_doubles
+        assert arp.max_holders(VIP) == 2 and sampler.max_holders(VIP) == 2
+        assert arp.holders_at(time.time())[VIP] == []
+        seen = [h[VIP] for _, h in arp.snapshot()]
+        assert seen[0] == [] and [2] in seen and [2, 4] in seen and seen[-1] == []
+        assert all(set(h) <= {2, 4} for h in seen)
+        print(f"ARP from the client: {arp.stats()}")
+        assert arp.stats()["rounds"] >= span_rounds(arp) * 0.5
         assert sampler.holders_at(t_one - 10) is None
         assert sampler.holders_at(time.time())[VIP] == []
         assert max(len(d[VIP]) for t, d in sampler.samples if t > t_none) == 0

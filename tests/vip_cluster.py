@@ -8,10 +8,8 @@ so it needs no route into the lab.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -235,6 +233,13 @@ class LabCluster:
     def probe_result(p: subprocess.Popen, timeout: float = 60):
         out, _ = p.communicate(timeout=timeout)
         return analyze(parse_lines(out.decode()))
+
+    def arp_double_holders(self) -> list[tuple[float, str, list[str]]]:
+        """(t, vip, node names) of every ARP round from the client answered by two nodes, over
+        every sampler started with ``self.lab.start_sampler`` (ARP is on by default); these are
+        also part of that sampler's ``double_holder_instants()``."""
+        return [(t, v, [self.names[i - 1] if 0 < i <= len(self.names) else "?" for i in h])
+                for t, v, h in self.lab.arp_double_holders()]
 
     def ask_vip(self, vip: str | None = None) -> str | None:
         return self.lab.ask(self.lab.client_ns, vip or self.vip_ip(), WHOAMI_PORT, timeout=0.3)
