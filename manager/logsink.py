@@ -2,13 +2,18 @@
 
 Layout under the root (``[managers.<m>].logs_root``, default ``<data_dir>/logs``)::
 
-    <root>/%Y/%m/%d/<log>/<node>         one record a line, as the node wrote it
+    <root>/%Y/%m/%d/<log>/<node>         one record a line (line format 2, below)
     <root>/.logagg/LOCK                  held by the one aggregator writing this root
     <root>/.logagg/<node>/<log>.state    the sink state of one (node, log)
 
-A record is written as its payload followed by ``\\n``; a newline inside a payload is
-written as the two characters ``\\n`` (backslash, n) so that a line is always one record.
-Nothing else is changed (payloads need not be UTF-8).
+Line format 2 (docs/LOGS.md). A record is written as its payload followed by ``\\n``;
+inside a payload, a newline becomes backslash + ``n``, and a run of backslashes right
+before a newline or an ``n`` is doubled. Nothing else is changed (payloads need not be
+UTF-8, a backslash elsewhere stays one). So a line is always one record, and
+:func:`decode_line` gives back exactly the payload: a run of ``k`` backslashes before an
+``n`` on a line stands for ``k // 2`` backslashes, then a newline if ``k`` is odd, else the
+``n``. (Format 1 escaped newlines only, so a payload holding backslash + ``n`` and one
+holding a newline there gave the same line.)
 
 Exactly once. The sink state of a (node, log) is ``(seq, path, size)``: every record up to
 ``seq`` is in the files, and ``path`` (the file written last) is exactly ``size`` bytes of
@@ -34,6 +39,7 @@ the other one still holds the previous state.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import time
 import zlib
@@ -66,16 +72,63 @@ def relative_path(day: str, log: str, node: str) -> str:
     return f"{day}/{log}/{node}"
 
 
+#: the version of the line format (see the module docstring and docs/LOGS.md)
+LINE_FORMAT = 2
+# what encoding changes: a newline (after any run of backslashes), or an "n" after one or more
+_TO_ESCAPE = re.compile(rb"(\\*)\n|(\\+)n")
+# what decoding changes: an "n" after one or more backslashes
+_ESCAPED = re.compile(rb"(\\+)n")
+
+
+def _escape(m: re.Match) -> bytes:
+    if m.group(1) is not None:                  # backslashes, then a newline
+        return m.group(1) * 2 + b"\\n"
+    return m.group(2) * 2 + b"n"
+
+
+def _unescape(m: re.Match) -> bytes:
+    k = len(m.group(1))
+    return b"\\" * (k // 2) + (b"\n" if k % 2 else b"n")
+
+
+def encode_record(payload: bytes | str) -> bytes:
+    """One payload as the content of a line (without its ``\\n``): line format 2. Pure.
+
+    Injective, and :func:`decode_line` reverses it; a ``str`` is taken as UTF-8 (as the
+    journal does). A payload without a newline and without backslash + ``n`` is unchanged.
+    """
+    if isinstance(payload, str):
+        payload = payload.encode()
+    if b"\n" not in payload and b"\\n" not in payload:
+        return payload
+    return _TO_ESCAPE.sub(_escape, payload)
+
+
+def decode_line(line: bytes) -> bytes:
+    """The payload a line of an aggregated file holds (the line without its ``\\n``). Pure."""
+    if b"\\n" not in line:
+        return line
+    return _ESCAPED.sub(_unescape, line)
+
+
 def render_lines(payloads: Sequence[bytes]) -> bytes:
-    """Payloads as lines: each followed by ``\\n``, inner newlines written as ``\\\\n``."""
+    """Payloads as lines: each encoded (:func:`encode_record`) and followed by ``\\n``. Pure."""
     if not payloads:
         return b""
     parts = list(payloads)
     parts.append(b"")                           # the last line's end, without a second copy
     data = b"\n".join(parts)
-    if data.count(b"\n") == len(payloads):      # the usual case: no payload holds a newline
+    # the usual case: no payload holds a newline or a backslash + "n", so nothing changes
+    # (a payload ending in a backslash is followed by the newline byte, not by an "n")
+    if data.count(b"\n") == len(payloads) and b"\\n" not in data:
         return data
-    return b"\n".join([p.replace(b"\n", b"\\n") for p in payloads] + [b""])
+    return b"\n".join([encode_record(p) for p in payloads] + [b""])
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """The payloads of the complete lines in ``data`` (a line still being written is left
+    out: the text after the last ``\\n``). Pure."""
+    return [decode_line(line) for line in data.split(b"\n")[:-1]]
 
 
 @dataclass(frozen=True)
@@ -262,7 +315,12 @@ class Sink:
         self._save(seq, self.state.path, self.state.size)
 
 
-# -- reading (for `ecluster logs tail`) --------------------------------------------------------
+# -- reading (for `ecluster logs tail` and checks) ---------------------------------------------
+
+def read_records(path: Path) -> list[bytes]:
+    """The payloads of an aggregated file's complete lines, in order (decoded, format 2)."""
+    return split_lines(Path(path).read_bytes())
+
 
 def aggregated_files(root: Path, node: str | None = None, log: str | None = None) -> Iterator[tuple[str, str, str, Path]]:
     """Every aggregated file under ``root`` as (day, log, node, path), oldest day first."""

@@ -3,8 +3,18 @@
 The MTA (or a plug-in) reports events over the bus::
 
     as_logger.add(series, address, count=1)          -> {"counted", "ignored"}
-    as_logger.add_batch(events=[[series, address, count], ...])   (count optional)
+    as_logger.add_batch(events=[[series, address, count], ...], batch=None)   (count optional)
+        -> {"counted", "ignored"} (+ "duplicate" when ``batch`` is given)
     as_logger.status()
+
+``batch=[sender, seq]`` makes a batch idempotent: a sender (one process: its name must not
+be reused by the next one) numbers its batches upwards and resends a batch whose answer it
+did not get with the same id. The service remembers the last seq counted per sender
+(:class:`BatchLedger`, the :data:`MAX_SENDERS` most recently seen) and answers a batch
+whose seq is not above it with ``duplicate: true``, counting nothing. The ledger is in
+memory and saved with the state at a graceful stop, so the guarantee (a batch counts at
+most once) holds across a graceful restart; after a crash the ledger is gone, together
+with the open windows it protected: see docs/CIDR.md.
 
 Events are counted by :class:`node.audit.AuditLogger` (settings from the cluster file's
 ``[as_logger]`` table: ``log_interval``, ``series_include``, ``series_exclude``). Every
@@ -33,7 +43,7 @@ import asyncio
 import math
 import re
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +69,9 @@ WRITE_TIMEOUT = 5.0
 RETRY_POLICY = PullPolicy(idle_wait=0.0, backoff_min=0.5, backoff_max=10.0, read_timeout=WRITE_TIMEOUT)
 #: most events in one add_batch call
 MAX_BATCH = 200_000
+#: senders whose last batch seq is remembered (the least recently seen is forgotten first)
+MAX_SENDERS = 10_000
+MAX_SENDER_LENGTH = 200
 STATE_FILE = "state.msgpack"
 #: a window with more addresses is written as several records (the journal takes ≤ 4 MiB each)
 PART_ADDRESSES = 100_000
@@ -94,6 +107,56 @@ def check_batch(events: Any) -> list[tuple[str, str, int]]:
         except AuditError as e:
             raise AuditError(f"event {i}: {e}") from None
     return out
+
+
+def check_batch_id(batch: Any) -> tuple[str, int]:
+    """Validate an ``add_batch`` id ``[sender, seq]``; raise :class:`AuditError` (one line). Pure."""
+    if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+        raise AuditError(f"batch must be [sender, seq], not {batch!r:.80}")
+    sender, seq = batch
+    if not isinstance(sender, str) or not 1 <= len(sender) <= MAX_SENDER_LENGTH:
+        raise AuditError(f"batch sender must be text of 1 to {MAX_SENDER_LENGTH} characters, not {sender!r:.80}")
+    if seq.__class__ is not int or not 0 <= seq < (1 << 63):
+        raise AuditError(f"batch seq must be an integer from 0 to 2**63-1, not {seq!r:.40}")
+    return sender, seq
+
+
+class BatchLedger:
+    """The last batch seq counted per sender, for at most ``max_senders`` senders (the least
+    recently seen is forgotten first). Pure: no I/O, no clock."""
+
+    def __init__(self, max_senders: int = MAX_SENDERS):
+        self.max_senders = max_senders
+        self._last: OrderedDict[str, int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def is_replay(self, sender: str, seq: int) -> bool:
+        """Whether batch ``seq`` of ``sender`` was counted already (its seq is not above the last)."""
+        last = self._last.get(sender)
+        return last is not None and seq <= last
+
+    def record(self, sender: str, seq: int) -> None:
+        """Batch ``seq`` of ``sender`` is counted."""
+        self._last[sender] = max(seq, self._last.get(sender, seq))
+        self._last.move_to_end(sender)
+        while len(self._last) > self.max_senders:
+            self._last.popitem(last=False)
+
+    def entries(self) -> list[list]:
+        """``[[sender, seq], ...]``, least recently seen first (for the state file)."""
+        return [[sender, seq] for sender, seq in self._last.items()]
+
+    @classmethod
+    def from_entries(cls, entries: Any, max_senders: int = MAX_SENDERS) -> "BatchLedger":
+        """A ledger from :meth:`entries`; raises :class:`AuditError` on a malformed list."""
+        ledger = cls(max_senders)
+        if not isinstance(entries, list):
+            raise AuditError(f"batch ledger must be a list, not {type(entries).__name__}")
+        for item in entries:
+            ledger.record(*check_batch_id(item))
+        return ledger
 
 
 def split_window(window: Window, max_addresses: int = PART_ADDRESSES) -> list[Window]:
@@ -146,7 +209,8 @@ class AsLoggerService(Service):
         self.retry_delay = 0.0
         self.dropping = False
         self.saved_pending = False      # the state file holds windows not yet journalled
-        self.stats = {"events_counted": 0, "events_ignored": 0, "events_refused": 0,
+        self.ledger = BatchLedger()     # last add_batch seq counted per sender
+        self.stats = {"events_counted": 0, "events_ignored": 0, "events_refused": 0, "batches_duplicate": 0,
                       "windows_closed": 0, "windows_written": 0, "write_calls": 0, "write_failures": 0,
                       "windows_dropped": 0, "events_dropped": 0}
         self.last_write_error: str | None = None
@@ -164,6 +228,10 @@ class AsLoggerService(Service):
             for record in state.get("pending") or []:
                 self._enqueue(bytes(record[0]), int(record[1]))
             self.saved_pending = bool(self.pending)
+            try:
+                self.ledger = BatchLedger.from_entries(state.get("batches") or [])
+            except AuditError as e:     # only replays of earlier batches are at stake: go on
+                self.log.error("ignoring the batch ledger of %s: %s", self.state_path, e)
             self.log.info("resumed: %d pending window(s), counting from %.0f", len(self.pending), self._resume_at)
 
     async def handle_tick(self) -> None:
@@ -177,7 +245,7 @@ class AsLoggerService(Service):
         closed_until = max([self._resume_at, *(w.end for w in flushed)])
         if self.pending:
             await self._write_pending(1.0)
-        await self.offload(self._save_state, closed_until)
+        await self.offload(self._save_state, closed_until, self.ledger.entries())
 
     # -- RPC ------------------------------------------------------------------------
     def rpc_add(self, series: str, address: str, count: int = 1) -> dict:
@@ -189,14 +257,30 @@ class AsLoggerService(Service):
             raise ServiceError(f"as_logger.add: {e}", "bad_event") from None
         return self._count([event])
 
-    def rpc_add_batch(self, events: list) -> dict:
-        """Count many ``[series, address, count]`` events; a bad one refuses the whole batch."""
+    def rpc_add_batch(self, events: list, batch: list | None = None) -> dict:
+        """Count many ``[series, address, count]`` events; a bad one refuses the whole batch.
+
+        ``batch=[sender, seq]``: a batch whose seq is not above the last one counted for
+        ``sender`` is a replay, answered ``duplicate: true`` without counting anything.
+        """
         try:
             checked = check_batch(events)
         except AuditError as e:
             self.stats["events_refused"] += 1
             raise ServiceError(f"as_logger.add_batch: {e}", "bad_event") from None
-        return self._count(checked)
+        if batch is None:
+            return self._count(checked)
+        try:
+            sender, seq = check_batch_id(batch)
+        except AuditError as e:
+            self.stats["events_refused"] += 1
+            raise ServiceError(f"as_logger.add_batch: {e}", "bad_batch") from None
+        if self.ledger.is_replay(sender, seq):
+            self.stats["batches_duplicate"] += 1
+            return {"counted": 0, "ignored": 0, "duplicate": True}
+        out = self._count(checked)
+        self.ledger.record(sender, seq)
+        return {**out, "duplicate": False}
 
     def rpc_status(self) -> dict:
         """Settings, counters, open windows and the journal queue."""
@@ -204,7 +288,8 @@ class AsLoggerService(Service):
                 "series_include": self.include, "series_exclude": self.exclude,
                 "open_windows": self.logger.open_windows(), "pending_windows": len(self.pending),
                 "pending_bytes": self.pending_bytes, "last_write_at": self.last_write_at,
-                "last_write_error": self.last_write_error, "resume_at": self._resume_at, **self.stats}
+                "last_write_error": self.last_write_error, "resume_at": self._resume_at,
+                "batch_senders": len(self.ledger), **self.stats}
 
     # -- internals -------------------------------------------------------------------
     def _count(self, events: list[tuple[str, str, int]]) -> dict:
@@ -277,7 +362,7 @@ class AsLoggerService(Service):
         if self.saved_pending:
             # the windows saved at the last stop are in the journal now: forget them
             self.saved_pending = False
-            await self.offload(self._save_state, self._resume_at)
+            await self.offload(self._save_state, self._resume_at, self.ledger.entries())
 
     def _write_failed(self, e: BusError) -> None:
         self.stats["write_failures"] += 1
@@ -325,15 +410,16 @@ class AsLoggerService(Service):
             self.log.error("ignoring damaged %s: %s", self.state_path, e)
             return None
 
-    def _save_state(self, closed_until: float) -> None:
-        """Write what a restart needs (pending windows, end of flushed windows); remove it if nothing."""
-        if not self.pending and closed_until <= time.time():
+    def _save_state(self, closed_until: float, batches: list) -> None:
+        """Write what a restart needs (pending windows, end of flushed windows, the batch
+        ledger); remove the file if nothing."""
+        if not self.pending and closed_until <= time.time() and not batches:
             try:
                 self.state_path.unlink()
             except FileNotFoundError:
                 pass
             return
-        data = msgpack.packb({"closed_until": closed_until,
+        data = msgpack.packb({"closed_until": closed_until, "batches": batches,
                               "pending": [[record, n] for record, n in self.pending]}, use_bin_type=True)
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.state_path, data)

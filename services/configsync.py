@@ -38,7 +38,6 @@ import asyncio
 import os
 import shutil
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from node.configrepo import (
     BadBundle, ConfigRepoError, MemberRepo, ModifiedLocally, NotBootstrapped, NothingToCommit, OutOfDate,
     Proposal, ValidationFailed, check_node_name,
 )
+from node.fsutil import atomic_write
 from services.base import Service, ServiceError
 
 POSITION_FILE = "config.position"      # "<height> <stamp> <head>": what this module decides by
@@ -69,17 +69,7 @@ UNDELIVERED = frozenset({"unreachable", "no_service", "not_coordinator", "not_re
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, text)
 
 
 @dataclass(frozen=True)

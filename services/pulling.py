@@ -43,6 +43,10 @@ class PullPolicy:
     #: the back-off as it was (None: treat it like any other failure)
     bug_wait: float | None = None
 
+    def __post_init__(self) -> None:
+        if not self.backoff_min <= self.backoff_max:
+            raise ValueError(f"PullPolicy: backoff_min ({self.backoff_min}) must not exceed backoff_max ({self.backoff_max})")
+
     @property
     def initial_read_timeout(self) -> float:
         return self.read_timeout if self.first_read_timeout is None else self.first_read_timeout
@@ -73,8 +77,14 @@ def initial_state(policy: PullPolicy) -> PullState:
 
 
 def next_backoff(previous: float, policy: PullPolicy) -> float:
-    """The pause after one more consecutive failure (``previous`` 0: the first). Pure."""
-    return policy.backoff_min if previous <= 0 else min(policy.backoff_max, previous * 2)
+    """The pause after one more consecutive failure (``previous`` 0: the first). Pure.
+
+    Never below ``backoff_min`` nor above ``backoff_max``, whatever ``previous`` holds (a
+    value below the minimum, say from a policy changed between two failures).
+    """
+    if previous <= 0:
+        return policy.backoff_min
+    return min(policy.backoff_max, max(policy.backoff_min, previous * 2))
 
 
 def after_pull(state: PullState, records: int, policy: PullPolicy) -> tuple[PullState, Pause]:

@@ -298,3 +298,67 @@ def test_corrupted_encodings_decode_or_raise_audit_decode_error(window: Window, 
 def test_decoding_explains_what_is_wrong(item: list, why: str) -> None:
     with pytest.raises(AuditDecodeError, match=why):
         decode_window(msgpack.packb(item, use_bin_type=True))
+
+
+# -- as_logger's batch ledger (add_batch(..., batch=[sender, seq])) ------------------------------
+
+def test_same_batch_twice_counts_once_and_a_new_seq_counts() -> None:
+    from services.as_logger import BatchLedger
+    ledger = BatchLedger()
+    assert not ledger.is_replay("smtp-n1-a", 1)
+    ledger.record("smtp-n1-a", 1)
+    assert ledger.is_replay("smtp-n1-a", 1)          # the resent batch: dropped
+    assert ledger.is_replay("smtp-n1-a", 0)          # older still: dropped
+    assert not ledger.is_replay("smtp-n1-a", 2)      # the next batch counts
+    assert not ledger.is_replay("smtp-n1-b", 1)      # another sender is independent
+    ledger.record("smtp-n1-a", 2)
+    assert ledger.is_replay("smtp-n1-a", 2) and len(ledger) == 1
+
+
+def test_batch_ledger_is_bounded_forgetting_the_least_recently_seen() -> None:
+    from services.as_logger import BatchLedger
+    ledger = BatchLedger(max_senders=3)
+    for sender in ("a", "b", "c"):
+        ledger.record(sender, 5)
+    ledger.record("a", 6)                            # "a" seen again: "b" is now the oldest
+    ledger.record("d", 1)
+    assert len(ledger) == 3 and not ledger.is_replay("b", 5)
+    assert all(ledger.is_replay(s, 1) for s in ("a", "c", "d"))
+    again = BatchLedger.from_entries(ledger.entries(), max_senders=3)
+    assert again.entries() == ledger.entries() == [["c", 5], ["a", 6], ["d", 1]]
+
+
+@given(ops=st.lists(st.tuples(st.sampled_from("abcde"), st.integers(0, 20)), max_size=60))
+@settings(max_examples=200, deadline=None)
+def test_batch_ledger_matches_a_plain_model(ops: list) -> None:
+    """Unbounded (more room than senders), the ledger is 'replay iff seq <= the highest counted'."""
+    from services.as_logger import BatchLedger
+    ledger, highest = BatchLedger(max_senders=10), {}
+    for sender, seq in ops:
+        replay = sender in highest and seq <= highest[sender]
+        assert ledger.is_replay(sender, seq) == replay
+        if not replay:
+            ledger.record(sender, seq)
+            highest[sender] = seq
+    assert dict(map(tuple, ledger.entries())) == highest
+
+
+@pytest.mark.parametrize("batch, words", [
+    ("smtp-1", "batch must be [sender, seq]"),
+    (["smtp-1"], "batch must be [sender, seq]"),
+    (["", 1], "batch sender must be text"),
+    ([7, 1], "batch sender must be text"),
+    (["x" * 201, 1], "batch sender must be text"),
+    (["smtp-1", -1], "batch seq must be an integer"),
+    (["smtp-1", 1.0], "batch seq must be an integer"),
+    (["smtp-1", True], "batch seq must be an integer"),
+    (["smtp-1", 1 << 63], "batch seq must be an integer"),
+])
+def test_bad_batch_ids_are_refused_in_one_line(batch: object, words: str) -> None:
+    from services.as_logger import BatchLedger, check_batch_id
+    with pytest.raises(AuditError, match=words.replace("[", r"\[").replace("]", r"\]")) as err:
+        check_batch_id(batch)
+    assert "\n" not in str(err.value)
+    with pytest.raises(AuditError):
+        BatchLedger.from_entries([["ok", 1], batch])
+    assert check_batch_id(("smtp-1", 0)) == ("smtp-1", 0)

@@ -56,10 +56,17 @@ class Lab:
         with SyncClient(self.cluster, via=member) as c:
             return c.call(member, service, method, timeout=timeout, **args)
 
-    def add_batch(self, node: str, events: list[tuple[str, str, int]]) -> None:
-        rep = self.call(node, "as_logger", "add_batch", events=[list(e) for e in events])
-        assert rep == {"counted": sum(e[2] for e in events), "ignored": 0}
+    def add_batch(self, node: str, events: list[tuple[str, str, int]], batch: tuple[str, int] | None = None) -> dict:
+        """Count ``events`` on ``node`` (under the id ``batch`` if given); a batch as_logger
+        answers as a duplicate is not added to what the recount expects."""
+        args = {} if batch is None else {"batch": list(batch)}
+        rep = self.call(node, "as_logger", "add_batch", events=[list(e) for e in events], **args)
+        if rep.get("duplicate"):
+            assert rep == {"counted": 0, "ignored": 0, "duplicate": True}
+            return rep
+        assert rep == {"counted": sum(e[2] for e in events), "ignored": 0, **({} if batch is None else {"duplicate": False})}
         self.sent += events
+        return rep
 
     def query(self, text: str) -> dict:
         return self.call(MANAGER, "cidr_server", "query", timeout=5.0, text=text)
@@ -203,15 +210,35 @@ def test_windows_wait_for_a_journal_that_is_down_even_across_an_as_logger_restar
     lab.add_batch(node, events_for(1, 4))
     wait_until(lambda: (s := lab.call(node, "as_logger", "status"))["write_failures"] > before["write_failures"]
                and s["pending_windows"] > 0, timeout=10, what="a window waits for the journal")
-    lab.add_batch(node, events_for(1, 5))           # still in an open window at the stop
+    lab.add_batch(node, events_for(1, 5), batch=("restart-sender", 1))      # still open at the stop
     lab.procs.stop(lab.node_procs[f"as_logger-{node}"])
     state = lab.cluster.member(node).data_dir / "as_logger" / "state.msgpack"
     assert state.exists(), "the windows the journal did not take were not saved"
     lab.start_service("as_logger", node)
     wait_until(lambda: lab.call(node, "as_logger", "status", timeout=0.5), timeout=20, what="as_logger back")
+    # the batch ledger survived the graceful restart: a resend of the last batch is a replay
+    assert lab.add_batch(node, events_for(1, 5), batch=("restart-sender", 1))["duplicate"] is True
     lab.add_batch(node, events_for(1, 6))           # in the window after the flushed one
     lab.start_service("jlog", node)
     wait_until(lambda: answered_matches(lab), timeout=25, what="every saved and new window reached the manager")
+
+
+def test_a_resent_batch_is_counted_once_and_the_next_seq_counts(lab):
+    node, sender = "n3", "smtp-n3-test"
+    before = lab.call(node, "as_logger", "status")
+    first, second = events_for(2, 7), events_for(2, 8)
+    assert lab.add_batch(node, first, batch=(sender, 1))["duplicate"] is False
+    assert lab.add_batch(node, first, batch=(sender, 1))["duplicate"] is True      # the resend
+    assert lab.add_batch(node, second, batch=(sender, 2))["duplicate"] is False     # the next batch
+    assert lab.add_batch(node, first, batch=(sender, 1))["duplicate"] is True       # older: still a replay
+    after = lab.call(node, "as_logger", "status")
+    assert after["events_counted"] - before["events_counted"] == sum(e[2] for e in first + second)
+    assert after["batches_duplicate"] - before["batches_duplicate"] == 2 and after["batch_senders"] >= 1
+    with pytest.raises(RemoteError) as err:
+        lab.call(node, "as_logger", "add_batch", events=[["connections", "10.9.9.9", 1]], batch=[sender, "3"])
+    assert err.value.code == "bad_batch" and "batch seq must be an integer" in err.value.message
+    # the manager's counts are the recount of each batch once
+    wait_until(lambda: answered_matches(lab), timeout=20, what="the batches reached the manager, each once")
 
 
 def test_malformed_query_is_one_line_with_token_and_column(lab):

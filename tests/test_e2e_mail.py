@@ -194,55 +194,25 @@ def spooled_message_ids(spool_dir: Path) -> dict[str, str]:
 
 def aggregated_records(logs_root: Path, log: str) -> dict[str, list[dict]]:
     """node -> the JSON records of ``log`` in a manager's aggregated files (all days)."""
+    from manager.logsink import read_records
     out: dict[str, list[dict]] = {}
     for f in sorted(logs_root.glob(f"[0-9]*/*/*/{log}/*")):
-        for line in f.read_bytes().splitlines():
-            out.setdefault(f.name, []).append(json.loads(line))
+        for record in read_records(f):
+            out.setdefault(f.name, []).append(json.loads(record))
     return out
-
-
-def unescaped(line: bytes, limit: int = 6):
-    """The payloads an aggregated line may stand for. The sink writes a newline inside a
-    payload as the two bytes ``\\n`` but leaves a literal ``\\n`` pair as it is, so a binary
-    payload (an audit window) is ambiguous; the candidates, most likely first. Pure."""
-    import itertools
-    marks = [m.start() for m in re.finditer(rb"\\n", line)]
-    if len(marks) > limit:
-        marks = marks[:limit]
-    for k in range(len(marks), -1, -1):
-        for chosen in itertools.combinations(marks, k):
-            out, last = bytearray(), 0
-            for pos in chosen:
-                out += line[last:pos] + b"\n"
-                last = pos + 2
-            yield bytes(out + line[last:])
-
-
-def audit_window_of_line(line: bytes, where: Path):
-    """The audit window an aggregated line holds: the one candidate payload that decodes
-    and escapes back to exactly this line."""
-    from node.audit import AuditDecodeError, decode_window, encode_window
-    found = {}
-    for candidate in unescaped(line):
-        try:
-            w = decode_window(candidate)
-        except AuditDecodeError:
-            continue
-        if encode_window(w).replace(b"\n", b"\\n") == line:
-            found[candidate] = w
-    assert len(found) == 1, f"{len(found)} readings of an aggregated audit line in {where}: {line[:80]!r}"
-    return next(iter(found.values()))
 
 
 def aggregated_connections(logs_root: Path, node: str, block: str) -> int:
     """Connections from ``block`` in ``node``'s audit windows as the manager aggregated them;
     a window journalled twice (a retried write) counts once, as in the cidr_server."""
     import ipaddress
+    from manager.logsink import read_records
+    from node.audit import decode_window
     net = ipaddress.ip_network(block)
     seen, total = set(), 0
     for f in sorted(logs_root.glob(f"[0-9]*/*/*/audit/{node}")):
-        for line in f.read_bytes().split(b"\n")[:-1]:
-            w = audit_window_of_line(line, f)
+        for record in read_records(f):       # line format 2: each line decodes to exactly one window
+            w = decode_window(record)
             key = (w.series, w.start, w.end, tuple(sorted(w.counts.items())))
             if w.series != "connections" or key in seen:
                 continue
@@ -393,7 +363,6 @@ def test_checks_catch_what_they_must():
         check_spools(att, {**good, "n3": {"0000000000000004-n3-0000000d": "<a>"}}, killed="n1")
     with pytest.raises(AssertionError, match="not in its spool"):
         check_spools(att, {"n1": {}, "n2": good["n2"]}, killed="n1")
-    assert list(unescaped(b"a\\nb")) == [b"a\nb", b"a\\nb"]
 
 
 def test_spool_commits_only_after_staging(tmp_path):

@@ -21,21 +21,28 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bus import envelope as ch
 from bus.client import BusError, RemoteError, SyncClient
 from conftest import CLI, run_cli, wait_until
 from ecluster.commands.logs import batches, last_lines, status_rows
 from manager.logsink import (
+    LINE_FORMAT,
     SLOT_SIZE,
     Sink,
     SinkState,
     aggregated_files,
+    decode_line,
     decode_state,
+    encode_record,
     encode_state,
     new_records,
     newest_state,
+    read_records,
     render_lines,
+    split_lines,
 )
 from services.base import ServiceError, services_for
 from services.jlog import check_records, declared_subscribers, group_requests, journal_settings, log_names
@@ -89,11 +96,10 @@ def root_of(cluster, manager: str) -> Path:
 
 
 def aggregated_lines(cluster, manager: str) -> dict[tuple[str, str], list[bytes]]:
-    """(node, log) -> every line of that node's log on ``manager``, days in order."""
+    """(node, log) -> every record of that node's log on ``manager`` (decoded), days in order."""
     out: dict[tuple[str, str], list[bytes]] = {}
     for _day, log, node, path in aggregated_files(root_of(cluster, manager)):
-        data = path.read_bytes()
-        out.setdefault((node, log), []).extend(data.split(b"\n")[:-1] if data else [])
+        out.setdefault((node, log), []).extend(read_records(path))
     return out
 
 
@@ -444,9 +450,67 @@ def test_cli_write_status_tail_and_errors(make_cluster, procs):
 
 # -- pure parts and the sink ------------------------------------------------------------------------------
 
-def test_lines_escape_newlines_only():
-    assert render_lines([b"a", b"b\nc", b"", b"\xff\\n"]) == b"a\nb\\nc\n\n\xff\\n\n"
-    assert render_lines([]) == b""
+def test_line_format_2_examples():
+    """The format on disk, byte for byte (a change here is a format change: bump LINE_FORMAT)."""
+    assert LINE_FORMAT == 2
+    payloads = [b"a", b"b\nc", b"", b"\xff\\n", b"C:\\path\\", b"\\\n", b"x\\\\ny", b"no escapes \\ here"]
+    data = render_lines(payloads)
+    assert data == (b"a\nb\\nc\n\n\xff\\\\n\nC:\\path\\\n\\\\\\n\nx\\\\\\\\ny\n"
+                    b"no escapes \\ here\n")
+    assert split_lines(data) == payloads
+    assert render_lines([]) == b"" and split_lines(b"") == []
+    assert split_lines(b"one\ntorn") == [b"one"]               # a line still being written is left out
+    # a payload with neither a newline nor backslash + n is written as it is (as in format 1)
+    assert render_lines([b"plain", b"a \\ b", b"end\\"]) == b"plain\na \\ b\nend\\\n"
+
+
+def test_binary_audit_windows_get_distinct_lines():
+    """The review's case: two windows whose encodings differ only in a newline vs a literal
+    backslash + n gave the same format-1 line."""
+    from node.audit import Window, decode_window, encode_window
+    windows = [Window("connections", 1_700_000_040, 1_700_000_100, {(4, addr): 1})
+               for addr in (0x0A5C6E0A, 0x5C6E0A0A)]
+    records = [encode_window(w) for w in windows]
+    assert records[0] != records[1]
+    lines = [encode_record(r) for r in records]
+    assert lines[0] != lines[1] and not any(b"\n" in ln for ln in lines)
+    assert [decode_window(decode_line(ln)) for ln in lines] == windows
+    assert split_lines(render_lines(records)) == records
+
+
+# bytes rich in what the format treats specially, and arbitrary bytes
+_special = st.lists(st.sampled_from([b"\\", b"n", b"\n", b"x", b"\xff", b"\r"]), max_size=30).map(b"".join)
+records_st = st.one_of(st.binary(max_size=200), _special)
+
+
+@settings(max_examples=400, deadline=None)
+@given(record=records_st)
+def test_bytes_record_line_round_trip(record: bytes):
+    line = encode_record(record)
+    assert b"\n" not in line
+    assert decode_line(line) == record
+    assert split_lines(render_lines([record])) == [record]
+
+
+@settings(max_examples=200, deadline=None)
+@given(record=st.text(max_size=100))
+def test_str_record_line_round_trip(record: str):
+    line = encode_record(record)
+    assert b"\n" not in line and decode_line(line).decode() == record
+
+
+@settings(max_examples=400, deadline=None)
+@given(a=records_st, b=records_st)
+def test_distinct_records_give_distinct_lines(a: bytes, b: bytes):
+    assert (encode_record(a) == encode_record(b)) == (a == b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch=st.lists(records_st, max_size=20))
+def test_batches_round_trip_one_record_a_line(batch: list):
+    data = render_lines(batch)
+    assert data.count(b"\n") == len(batch)
+    assert split_lines(data) == batch
 
 
 def test_state_slots_round_trip_and_damage():

@@ -34,9 +34,23 @@ def timeout_error() -> CallTimeout:
     (0.4, 0.8),
     (1.5, 2.0),      # doubling past the maximum stops at it
     (2.0, 2.0),
+    (0.01, 0.1),     # a previous pause below the minimum still pauses at least the minimum
+    (0.05, 0.1),
 ])
 def test_next_backoff_table(previous: float, expected: float) -> None:
     assert next_backoff(previous, POLICY) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("lo, hi", [(2.0, 1.0), (0.5, 0.1), (float("nan"), 1.0)])
+def test_policy_with_minimum_above_maximum_is_refused(lo: float, hi: float) -> None:
+    with pytest.raises(ValueError, match="backoff_min .* must not exceed backoff_max") as err:
+        PullPolicy(idle_wait=1.0, backoff_min=lo, backoff_max=hi, read_timeout=1.0)
+    assert "\n" not in str(err.value)
+
+
+def test_policy_with_equal_bounds_is_accepted() -> None:
+    policy = PullPolicy(idle_wait=1.0, backoff_min=0.5, backoff_max=0.5, read_timeout=1.0)
+    assert [next_backoff(p, policy) for p in (0.0, 0.1, 0.5, 9.0)] == [0.5, 0.5, 0.5, 0.5]
 
 
 def test_initial_state_uses_the_first_contact_timeout() -> None:
@@ -193,11 +207,12 @@ def test_backoff_bounded_growing_and_reset_by_success(policy: PullPolicy, steps:
 @settings(max_examples=200, deadline=None)
 @given(policy=any_policy, previous=st.floats(-10.0, 1000.0))
 def test_next_backoff_stays_within_bounds(policy: PullPolicy, previous: float) -> None:
-    # the values a loop can hold: none yet (<= 0), or a back-off this function gave
-    previous = previous if previous <= 0 else min(policy.backoff_max, max(policy.backoff_min, previous))
+    # any previous value, also one below the minimum or above the maximum
     wait = next_backoff(previous, policy)
     assert policy.backoff_min <= wait <= policy.backoff_max
     if previous > 0:
+        assert wait == min(policy.backoff_max, max(policy.backoff_min, previous * 2))
+    if policy.backoff_min <= previous <= policy.backoff_max:      # a back-off this function gave
         assert wait == min(policy.backoff_max, previous * 2)
 
 

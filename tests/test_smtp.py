@@ -19,6 +19,7 @@ import pytest
 
 from bus.client import SyncClient
 from conftest import CLI, Procs, free_ports, make_cluster_file, short_dir, wait_until
+from ecluster_smtp.audit import AuditOutbox
 from ecluster_smtp.records import parse_record, reception_record
 from bus.client import CallTimeout, RemoteError
 from ecluster_smtp.service import (SmtpConfigError, check_settings, listener_changes, recipient_refusal,
@@ -68,8 +69,68 @@ def test_recipient_policy():
 
 def test_background_batches_are_kept_unless_refused_for_good():
     assert refused_for_good(RemoteError("unknown_log", "no such log"))
+    assert refused_for_good(RemoteError("bad_batch", "batch seq must be an integer"))
     assert not refused_for_good(RemoteError("no_service", "jlog is not running"))
     assert not refused_for_good(CallTimeout("n1", "jlog", "write", 2.0))
+
+
+def test_audit_batch_in_flight_is_resent_unchanged_under_its_id():
+    box = AuditOutbox("n1", max_pending=3, token="t0")
+    assert box.next_call() is None and box.waiting() == 0
+    assert box.add("connections", "10.0.0.1") and box.add("connections", "10.0.0.1") and box.add("rejects", "10.0.0.2")
+    first = box.next_call()
+    assert first == ([["connections", "10.0.0.1", 2], ["rejects", "10.0.0.2", 1]], ["smtp-n1-t0", 1])
+    # events that arrive while the batch is unanswered wait for the next one
+    assert box.add("connections", "10.0.0.3")
+    assert box.waiting() == 3
+    assert box.next_call() == first                 # the call timed out: the very same batch again
+    box.answered(1)
+    assert box.next_call() == ([["connections", "10.0.0.3", 1]], ["smtp-n1-t0", 2])
+    box.answered(1)                                 # a late answer to the old batch changes nothing
+    assert box.next_call()[1] == ["smtp-n1-t0", 2]
+    assert box.refused(2) == 1 and box.next_call() is None and box.waiting() == 0
+    # bounded: a new address past the bound is not kept, a known one still counts
+    for i in range(3):
+        assert box.add("connections", f"10.1.0.{i}")
+    assert not box.add("connections", "10.1.0.9") and box.add("connections", "10.1.0.0")
+    assert box.next_call()[1] == ["smtp-n1-t0", 3]
+    # another process of the plug-in gets another sender name, so its seqs never collide
+    assert AuditOutbox("n1", 10).sender != AuditOutbox("n1", 10).sender
+
+
+def test_a_batch_whose_answer_was_lost_is_counted_once():
+    """The plug-in's outbox against as_logger's ledger: answers lost at random (the call
+    timed out after as_logger counted) never make an event count twice or go missing."""
+    import random
+    from collections import Counter
+    from services.as_logger import BatchLedger
+    rng = random.Random(7)
+    ledger, counted, sent = BatchLedger(), Counter(), Counter()
+    box = AuditOutbox("n1", max_pending=1000)
+
+    def as_logger_add_batch(events, batch):
+        if ledger.is_replay(*batch):
+            return {"duplicate": True}
+        for series, address, n in events:
+            counted[(series, address)] += n
+        ledger.record(*batch)
+        return {"duplicate": False}
+
+    for step in range(300):
+        for _ in range(rng.randrange(3)):
+            key = ("connections", f"10.0.0.{rng.randrange(5)}")
+            box.add(*key)
+            sent[key] += 1
+        call = box.next_call()
+        if call is None:
+            continue
+        rep = as_logger_add_batch(*call) if rng.random() > 0.2 else None   # not delivered at all
+        if rep is not None and rng.random() > 0.4:                        # the answer arrives
+            box.answered(call[1][1])
+    while (call := box.next_call()) is not None:
+        as_logger_add_batch(*call)
+        box.answered(call[1][1])
+    assert counted == sent
 
 
 def test_spool_file_round_trip_and_atomic_write(tmp_path):
@@ -98,6 +159,12 @@ def test_spool_file_round_trip_and_atomic_write(tmp_path):
         assert spool.remove(mid) and spool.ids() == []
     finally:
         spool.close()
+
+
+def test_spool_uses_the_shared_fsync_helper():
+    import ecluster_smtp.spool as spool_module
+    from node import fsutil
+    assert not hasattr(spool_module, "_fsync_dir") and spool_module.fsync_dir is fsutil.fsync_dir
 
 
 def test_reception_record_is_one_json_line():

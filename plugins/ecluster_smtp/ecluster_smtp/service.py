@@ -36,7 +36,9 @@ How it behaves:
   possibly on another node after a failover).
 * **Audit.** Every connection counts one ``connections`` event for the client address in
   as_logger; every refused recipient or message one ``rejects`` event. Session events go
-  to the plug-in's own log. Both are sent in batches in the background.
+  to the plug-in's own log. Both are sent in batches in the background; an audit batch
+  carries a stable id and is resent unchanged after a timeout, so it counts once
+  (:mod:`ecluster_smtp.audit`).
 
 RPC ``status()`` (listeners, counters, spool) and ``metrics()`` (Prometheus families,
 collected by the metrics service).
@@ -50,7 +52,6 @@ import math
 import re
 import socket
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ from node.vipcore import vip_key
 from services.base import Service
 from services.jlog import log_names
 
+from ecluster_smtp.audit import AuditOutbox
 from ecluster_smtp.records import reception_record, session_record
 from ecluster_smtp.spool import Spool, new_message_id, spool_bytes
 
@@ -71,10 +73,11 @@ MAINLOG = "mainlog"
 JOURNAL_TIMEOUT = 5.0
 #: background batches (audit events, session records) go out this often
 FLUSH_EVERY = 0.25
-#: how long a background batch may take. A batch that times out is sent again, and a slow
-#: as_logger may have counted it already (add_batch has no idempotency key), so this is
-#: long: a local call that takes 10 s means the receiver died, and then its open window
-#: (with the batch in it) died too and sending it again is right.
+#: how long a background batch may take. A batch that times out is sent again under the same
+#: id (ecluster_smtp.audit), so an as_logger that counted it already drops the replay; the
+#: timeout stays long because after a crash of as_logger (the only way a local call takes
+#: 10 s) its ledger of ids is gone, and then the open window that held the batch should be
+#: gone too, which makes counting the resent batch right (docs/CIDR.md).
 FLUSH_TIMEOUT = 10.0
 #: bounds of what waits for as_logger / the journal while they do not answer
 MAX_PENDING_AUDIT = 100_000
@@ -180,7 +183,8 @@ def client_address(peer: Any) -> str | None:
 
 def refused_for_good(e: Exception) -> bool:
     """Whether a failed call will fail the same way when retried (bad input, unknown log). Pure."""
-    return isinstance(e, RemoteError) and e.code in ("bad_event", "bad_records", "bad_arguments", "unknown_log")
+    return isinstance(e, RemoteError) and e.code in ("bad_event", "bad_batch", "bad_records", "bad_arguments",
+                                                     "unknown_log")
 
 
 def stale_after(timing) -> float:
@@ -271,12 +275,12 @@ class SmtpService(Service):
         self.dry_run = False
         self._apply_lock = asyncio.Lock()
         self._bind_noted: dict[str, int] = {}  # vip -> errno last logged (log a failure once)
-        self.pending_audit: Counter = Counter()
+        self.audit = AuditOutbox(self.member.name, MAX_PENDING_AUDIT)
         self.pending_records: list[bytes] = []
         self._flush_task: asyncio.Task | None = None   # the background flush (a reference keeps it alive)
         self.counters = {"connections": 0, "accepted": 0, "rejected": 0, "temp_failures": 0,
                          "bytes_accepted": 0, "listener_starts": 0, "listener_stops": 0,
-                         "audit_dropped": 0, "records_dropped": 0}
+                         "audit_dropped": 0, "audit_resent": 0, "records_dropped": 0}
         self.spooled = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -319,7 +323,7 @@ class SmtpService(Service):
             self.log.warning("no vip.status for %.1f s: closing every listener", self.stale_after)
             for vip in list(self.listeners):
                 self._stop_listener(vip)
-        if (self._flush_task is None or self._flush_task.done()) and (self.pending_audit or self.pending_records):
+        if (self._flush_task is None or self._flush_task.done()) and (self.audit.waiting() or self.pending_records):
             self._flush_task = asyncio.get_running_loop().create_task(self._flush(timeout=FLUSH_TIMEOUT))
 
     # -- listeners ------------------------------------------------------------------------
@@ -393,11 +397,8 @@ class SmtpService(Service):
         self._record("reject", vip=s.vip, peer=peer, stage=stage, reply=reply[:200], **fields)
 
     def _audit(self, series: str, address: str) -> None:
-        key = (series, address)
-        if key not in self.pending_audit and len(self.pending_audit) >= MAX_PENDING_AUDIT:
+        if not self.audit.add(series, address):
             self.counters["audit_dropped"] += 1
-            return
-        self.pending_audit[key] += 1
 
     def _record(self, event: str, **fields) -> None:
         if len(self.pending_records) >= MAX_PENDING_RECORDS:
@@ -408,18 +409,20 @@ class SmtpService(Service):
     async def _flush(self, timeout: float) -> None:
         """Send the pending audit events and session records; kept for the next tick when
         the receiver is not there, dropped (counted) when it refuses them for good."""
-        if self.pending_audit:
-            batch = dict(self.pending_audit)
-            self.pending_audit.clear()
+        call = self.audit.next_call()
+        if call is not None:
+            events, batch_id = call
             try:
-                await self.call(None, "as_logger", "add_batch", timeout=timeout,
-                                events=[[s, a, n] for (s, a), n in batch.items()])
+                await self.call(None, "as_logger", "add_batch", timeout=timeout, events=events, batch=batch_id)
             except BusError as e:
                 if refused_for_good(e):
-                    self.counters["audit_dropped"] += len(batch)
-                    self.log.error("as_logger refused %d audit events: %s", len(batch), e)
+                    dropped = self.audit.refused(batch_id[1])
+                    self.counters["audit_dropped"] += dropped
+                    self.log.error("as_logger refused %d audit events: %s", dropped, e)
                 else:
-                    self.pending_audit.update(batch)
+                    self.counters["audit_resent"] += 1      # the same batch, same id, next tick
+            else:
+                self.audit.answered(batch_id[1])
         if self.pending_records:
             records, self.pending_records = self.pending_records, []
             try:
@@ -502,7 +505,7 @@ class SmtpService(Service):
                 "listening": sorted(self.listeners), "held": self.held, "injection": sorted(self.injection),
                 "dry_run": self.dry_run, "sessions": len(self.sessions), "spool": str(self.spool.directory),
                 "spooled": self.spooled, "log": self.settings.log, "counters": dict(self.counters),
-                "pending_audit": len(self.pending_audit), "pending_records": len(self.pending_records)}
+                "pending_audit": self.audit.waiting(), "pending_records": len(self.pending_records)}
 
     def rpc_metrics(self) -> list[dict]:
         """Prometheus families for the metrics service (see services/metrics.py)."""

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.datadir import DirLock
+from node.fsutil import fsync_dir
 
 SUFFIX = ".eml"
 TMP_DIR = "tmp"
@@ -112,14 +113,6 @@ def parse_spool(data: bytes) -> SpooledMessage:
     return SpooledMessage(first[len("Return-Path: <"):-1], rcpts, header_lines[-1][len("Received: "):], rest)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Spool:
     """A node's spool directory, locked for as long as it is open (blocking calls)."""
 
@@ -171,7 +164,7 @@ class Spool:
         """Move a staged message into the spool; durable when this returns."""
         final = self.path(msg_id)
         os.rename(self.tmp / msg_id, final)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         return final
 
     def discard(self, msg_id: str) -> bool:
@@ -188,7 +181,7 @@ class Spool:
             self.path(msg_id).unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         return True
 
     def ids(self) -> list[str]:
