@@ -9,16 +9,28 @@ Sockets::
     per peer DEALER -> peer's tcp ROUTER    CURVE client, IMMEDIATE (a relinked one: see below)
     per peer SUB    -> peer's tcp PUB       CURVE client, subscribed to everything
 
-Routing rules (pure: :func:`route`):
+Frames: a local client sends ``[envelope]`` (a call, cast or reply) or ``[topic,
+envelope]`` (an event, published as it is); the ROUTER puts the routing id in front.
+
+Routing rules (pure: :func:`route_fields`):
   * req/cast for this member go to the local service ``svc:<ds>``; for another member to
     that member's DEALER. Nobody there -> an error reply, at once (never a silent wait).
   * rep goes to the client ``ds`` at this member (on whichever ROUTER it came from) or on
     to member ``dm``.
   * pub from a local client goes to the local PUB and the tcp PUB; pub from a peer goes to
     the local PUB only (no re-flooding).
+  * A broker reads only what it routes on: a small message is decoded and checked whole, a
+    large one by its header (:func:`bus.envelope.checked_header`), and the bytes it received
+    go on untouched (re-encoded only to stamp ``src``/``sc`` of a client that did not set
+    them right). Whoever finally receives a message decodes and checks all of it.
+  * A reply that cannot go out at once (the link back is not connected yet, e.g. just after
+    this broker or its peer started; a client between reconnects) waits in a bounded retry
+    queue for up to ``REPLY_RETRY`` seconds, then is dropped and counted
+    (``replies_dropped``). A request that cannot go out is answered with an error at once.
 
 Trust: ipc clients are local processes behind a 0700 run directory; the broker stamps
-their member name into ``src``. On the tcp ROUTER, ZAP has authenticated the key; a peer
+their member name into ``src`` and their routing id into ``sc`` (our client library sets
+both itself, so the broker only compares them). On the tcp ROUTER, ZAP has authenticated the key; a peer
 broker's messages must carry its own name in ``src`` (else dropped as spoofed); any other
 key (the admin CLI) may only send req/cast and is treated as a client of this member.
 Messages of a connection whose key has left the key directory since it connected are
@@ -46,8 +58,9 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections import deque
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import msgpack
 import zmq
@@ -68,6 +81,10 @@ RELINK_GRACE = 5.0            # s a relinked link queues calls while its peer sw
 RELINK_RECONNECT_MS = 10      # a relinked socket retries fast: its peer is switching right now
 SWITCH_AFTER = 0.1            # s between answering bus.switch_keys and rebinding (reply goes out)
 REBIND_TIMEOUT = 2.0          # s to get the port back after an unbind
+REPLY_RETRY = 1.0             # s a reply waits for its way back (link or client not connected yet)
+RETRY_EVERY = 0.005           # s between attempts while replies wait
+MAX_WAITING_REPLIES = 10_000  # bound of the retry queue; beyond it a failed reply is dropped at once
+BURST = 8                     # messages in a row after which a drain stops asking EVENTS first
 MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                   | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -87,6 +104,8 @@ class Counters:
     refused: int = 0
     unreachable: int = 0
     no_service: int = 0
+    replies_queued: int = 0       # replies that had to wait for their way back
+    replies_dropped: int = 0      # ... and were still undeliverable after REPLY_RETRY
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -111,102 +130,74 @@ class PeerLink:
         return self.monitor is not None and not self.connected and now >= self.grace_until
 
 
-@dataclass
-class Route:
+class Route(NamedTuple):
     """Where one message goes: a socket family and an address within it."""
 
     to: str                 # "local" | "external" | "peer" | "self" | "error"
     target: str = ""        # routing id, or peer name
-    error: dict = field(default_factory=dict)
+    error: dict | None = None
 
 
-def route(env: ch.Envelope, me: str, peers: set[str]) -> Route:
-    """Decide where a req/cast/rep goes. Pure: no sockets."""
-    if env.kind in ("req", "cast"):
-        if env.dm == me:
-            if env.ds == BUS_SERVICE:
-                return Route("self")
-            return Route("local", f"svc:{env.ds}")
-        if env.dm in peers:
-            return Route("peer", env.dm)
-        return Route("error", error={"code": "unknown_member", "message": f"no member named {env.dm!r}"})
-    if env.kind == "rep":
-        if env.dm == me:
-            if env.ds.startswith(EXTERNAL_PREFIX):
-                return Route("external", env.ds[len(EXTERNAL_PREFIX):])
-            return Route("local", env.ds)
-        if env.dm in peers:
-            return Route("peer", env.dm)
-        return Route("error")
-    return Route("error")
+_SELF = Route("self")
+_NOWHERE = Route("error")
 
 
-# -- frames without pyzmq's sugar ------------------------------------------------------
-# pyzmq's send_multipart/recv_multipart combine enum flags on every frame, which costs
-# several times the send itself on small messages; these call the backend with plain ints.
-# Semantics are the same: a multipart message is accepted whole or refused at its first
-# frame (zmq.Again past the HWM, EHOSTUNREACH for an unknown ROUTER peer).
-_NOBLOCK = int(zmq.NOBLOCK)
-_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-_send = zmq.backend.Socket.send
-_recv = zmq.backend.Socket.recv
-_get = zmq.backend.Socket.get
+def route_fields(kind: str, dm: str, ds: str, me: str, peers) -> Route:
+    """Decide where a req/cast/rep with these fields goes. Pure: no sockets."""
+    if kind == "rep":
+        if dm == me:
+            if ds.startswith(EXTERNAL_PREFIX):
+                return Route("external", ds[len(EXTERNAL_PREFIX):])
+            return Route("local", ds)
+        if dm in peers:
+            return Route("peer", dm)
+        return _NOWHERE
+    if kind in ("req", "cast"):
+        if dm == me:
+            if ds == BUS_SERVICE:
+                return _SELF
+            return Route("local", f"svc:{ds}")
+        if dm in peers:
+            return Route("peer", dm)
+        return Route("error", error={"code": "unknown_member", "message": f"no member named {dm!r}"})
+    return _NOWHERE
 
 
-def send_frames(sock: zmq.Socket, frames: list) -> None:
-    """Send ``frames`` as one message without blocking (raises zmq.Again past the HWM)."""
-    last = len(frames) - 1
-    for i, f in enumerate(frames):
-        _send(sock, f, _MORE_NOBLOCK if i < last else _NOBLOCK)
+def route(env: ch.Envelope, me: str, peers) -> Route:
+    """Decide where a req/cast/rep goes (see :func:`route_fields`). Pure: no sockets."""
+    return route_fields(env.kind, env.dm, env.ds, me, peers)
 
 
-def recv_frames(sock: zmq.Socket, copy: bool = True) -> list | None:
-    """The next whole message on ``sock``, or None when there is none (never blocks)."""
-    if not _get(sock, _EVENTS) & _POLLIN:
-        return None
-    parts = [_recv(sock, _NOBLOCK, copy)]
-    while _get(sock, _RCVMORE):
-        parts.append(_recv(sock, _NOBLOCK, copy))
-    return parts
-
-
-# Above this size a peer's event is checked by its header only (see event_header).
+# Above this size a message is checked by its header only (see bus.envelope.checked_header).
 HEADER_ONLY_ABOVE = 512
 
+# the frame helpers live in the transport; importable from here as before
+send_frames = transport.send_frames
+recv_frames = transport.recv_frames
+#: the header fields of an envelope without decoding its body (see :func:`bus.envelope.header`)
+event_header = ch.header
 
-def event_header(data: bytes) -> dict:
-    """The header fields of an envelope (everything but the body), without decoding the body.
 
-    A peer's event only needs its sender and topic checked here; every subscriber decodes
-    and checks the whole envelope anyway (the channel), so decoding a batch's bodies in
-    the broker too would double the cost of every batch. Same size limits as
-    :func:`bus.envelope.unpack_raw`; raises :class:`~bus.envelope.BadMessage`. Pure.
-    """
-    if len(data) > ch.MAX_FRAME:
-        raise ch.BadMessage(f"frame of {len(data)} bytes exceeds {ch.MAX_FRAME}")
-    u = msgpack.Unpacker(raw=False, strict_map_key=True, max_str_len=ch.MAX_STR, max_bin_len=ch.MAX_BIN,
-                         max_array_len=ch.MAX_ARRAY, max_map_len=ch.MAX_MAP, max_ext_len=0)
-    u.feed(data)
-    head: dict = {}
+def peek(data) -> dict:
+    """The checked fields of an envelope a broker routes on: all of a small one (decoded
+    whole), the header of a large one (its body left as bytes). Raises BadMessage. Pure."""
+    if len(data) > HEADER_ONLY_ABOVE:
+        return ch.checked_header(data)
+    return ch.check_wire(ch.unpack_raw(data))
+
+
+def restamp(data, src: str, sc: str) -> bytes:
+    """``data`` re-encoded with ``src`` and ``sc`` set (a client that did not set them). Pure."""
+    d = ch.unpack_raw(data)
+    d["src"], d["sc"] = src, sc
     try:
-        for _ in range(u.read_map_header()):
-            key = u.unpack()
-            if key == "b":
-                u.skip()
-            else:
-                head[key] = u.unpack()
-    except Exception as e:  # msgpack raises many types on garbage: all mean "not ours"
-        raise ch.BadMessage(f"undecodable frame: {type(e).__name__}") from None
-    try:
-        u.skip()
-    except msgpack.OutOfData:
-        return head
-    except Exception:
-        pass
-    raise ch.BadMessage("undecodable frame: ExtraData")
+        return msgpack.packb(d, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ch.BadMessage(f"cannot encode message: {e}") from None
+
+
+def _bytes(data) -> bytes:
+    return data if isinstance(data, bytes) else data.bytes
 
 
 class Broker:
@@ -229,6 +220,7 @@ class Broker:
         self._endpoints: dict[str, str] = {}                        # tcp socket attr -> bound endpoint
         self._switch_at: float | None = None
         self._switch_to: keymod.KeyPair | None = None
+        self._waiting: deque = deque()      # replies to retry: (give-up time, route, data)
 
     # -- set-up -------------------------------------------------------------------
     def _bind(self) -> None:
@@ -406,6 +398,7 @@ class Broker:
             self._watch(p)      # its dealer too: peers never reply on it, but drain anyway
         hb_every = self.timing.zmq_heartbeat_ivl_ms / 1000 / 2
         next_hb = 0.0
+        ipc_router, tcp_router = self.ipc_router, self.tcp_router
         log.info("broker %s up: %s %s", self.me.name, self.me.bus_endpoint, self.me.pub_endpoint)
         try:
             while not self._stop:
@@ -416,35 +409,43 @@ class Broker:
                 if self._switch_at is not None and now >= self._switch_at:
                     self._switch_at = None
                     self._rebind(self._switch_to or self.pair)
+                if self._waiting:
+                    self._retry_replies(now)
                 wake = next_hb if self._switch_at is None else min(next_hb, self._switch_at)
+                if self._waiting:
+                    wake = min(wake, now + RETRY_EVERY)
                 try:
-                    ready = dict(poller.poll(max(0, int((wake - now) * 1000))))
+                    ready = poller.poll(max(0, int((wake - now) * 1000)))
                 except zmq.ZMQError as e:
                     if e.errno == zmq.EINTR:
                         continue
                     raise
-                if self.ipc_router in ready:
-                    self._drain(self.ipc_router, self._from_local)
-                if self.tcp_router in ready:
-                    self._drain(self.tcp_router, self._from_tcp, copy=False)
-                for sock in ready:
-                    role, p = self._socks.get(sock, (None, None))
-                    if p is None or sock.closed:     # replaced by a relink in this round
-                        continue
-                    if role == "sub":
-                        self._drain(sock, lambda frames, p=p: self._from_peer_pub(p, frames))
-                    elif role == "monitor":
-                        self._on_monitor(p)
+                for sock, _ in ready:
+                    if sock is ipc_router:
+                        self._drain(sock, self._from_local)
+                    elif sock is tcp_router:
+                        self._drain(sock, self._from_tcp, copy=False)     # zmq.Frames: User-Id
                     else:
-                        self._drain(sock, lambda frames: None)
+                        role, p = self._socks.get(sock, (None, None))
+                        if p is None or sock.closed:     # replaced by a relink in this round
+                            continue
+                        if role == "sub":
+                            self._drain(sock, lambda frames, p=p: self._from_peer_pub(p, frames))
+                        elif role == "monitor":
+                            self._on_monitor(p)
+                        else:
+                            self._drain(sock, lambda frames: None)
         finally:
             self.close()
 
     def _drain(self, sock: zmq.Socket, handler, copy: bool = True, limit: int = 2000) -> None:
-        for _ in range(limit):
+        """Handle up to ``limit`` waiting messages of ``sock`` (a poll said it is readable)."""
+        for i in range(limit):
             if sock.closed:            # a handler relinked (bus.relink) the socket away
                 return
-            frames = recv_frames(sock, copy)
+            # the first message: the poll said so; within a burst: just try (the one
+            # zmq.Again at its end costs less than asking EVENTS before every message)
+            frames = recv_frames(sock, copy, i == 0 or i >= BURST)
             if frames is None:
                 return
             try:
@@ -463,40 +464,46 @@ class Broker:
 
     # -- inbound ------------------------------------------------------------------
     def _from_local(self, frames: list[bytes]) -> None:
-        # [routing_id, envelope] or, fast path for events, [routing_id, b"P", topic, envelope]
-        if len(frames) == 4 and frames[1] == b"P":
+        # [routing_id, envelope] or, fast path for events, [routing_id, topic, envelope]
+        n = len(frames)
+        if n == 3:
             # Events from local clients are forwarded without decoding: subscribers check the
             # shape (channel) and the src was stamped by the client library of a local process.
-            out = frames[2:]
+            out = frames[1:]
             send_frames(self.local_pub, out)
             send_frames(self.cluster_pub, out)
             self.counters.events_local += 1
             return
-        if len(frames) != 2:
+        if n != 2:
             raise ch.BadMessage("local message with wrong frame count")
-        env = ch.unpack(frames[1])
-        env.src = self.me.name
-        env.sc = frames[0].decode("utf-8", "replace")
-        if env.kind == "pub":
-            data = ch.pack(env)
-            topic = env.topic.encode()
+        data = frames[1]
+        d = peek(data)
+        me = self.me.name
+        sc = frames[0].decode("utf-8", "replace")
+        if d.get("src") != me or d.get("sc") != sc:
+            data = restamp(data, me, sc)       # our client library sets both: rare
+            d["src"], d["sc"] = me, sc
+        if d["k"] == "pub":
+            topic = d["t"].encode()
             send_frames(self.local_pub, [topic, data])
             send_frames(self.cluster_pub, [topic, data])
             self.counters.events_local += 1
             return
-        self._dispatch(env)
+        self._dispatch(d, data)
 
     def _from_tcp(self, frames: list[zmq.Frame]) -> None:
         if len(frames) != 2:
             raise ch.BadMessage("tcp message with wrong frame count")
-        user_id = frames[1].get("User-Id") or "?"
+        frame = frames[1]
+        user_id = frame.get("User-Id") or "?"
         if user_id != "?" and self.gate is not None and not self.gate.accepts(user_id):
             self.counters.refused += 1           # its key was removed since it connected
             return
         user = transport.user_name(user_id)
-        env = ch.unpack(frames[1].bytes)
+        data = frame.bytes if len(frame) <= HEADER_ONLY_ABOVE else frame.buffer
+        d = peek(data)
         if user in self.peers:
-            if env.src != user:
+            if d.get("src") != user:
                 self.counters.spoofed += 1
                 return
         elif user in self.cluster.members or user == "?":
@@ -504,30 +511,31 @@ class Broker:
             return
         else:
             # An admin client: may call, may not publish or reply; it is our client now.
-            if env.kind not in ("req", "cast"):
+            if d["k"] not in ("req", "cast"):
                 self.counters.refused += 1
                 return
-            env.src = self.me.name
-            env.sc = EXTERNAL_PREFIX + frames[0].bytes.hex()
-        self._dispatch(env)
+            sc = EXTERNAL_PREFIX + frames[0].bytes.hex()
+            frame = restamp(data, self.me.name, sc)
+            d["src"], d["sc"] = self.me.name, sc
+        if d["k"] == "pub":
+            self.counters.refused += 1       # a peer's events come on its PUB, never here
+            return
+        self._dispatch(d, frame)
 
     def _from_peer_pub(self, peer: PeerLink, frames: list[bytes]) -> None:
         peer.last_heard = time.monotonic()
-        if frames[0] == HB_TOPIC:
-            return
         if len(frames) != 2:
             raise ch.BadMessage("event with wrong frame count")
-        if len(frames[1]) > HEADER_ONLY_ABOVE:
-            head = event_header(frames[1])
-            if head.get("v") != ch.VERSION:
-                raise ch.BadMessage(f"unsupported envelope version {head.get('v')!r}")
-            kind, src, topic = head.get("k"), head.get("src"), head.get("t")
-            if not isinstance(topic, str):
-                raise ch.BadMessage("event without a topic")
-        else:
-            env = ch.unpack(frames[1])
-            kind, src, topic = env.kind, env.src, env.topic
-        if kind != "pub" or src != peer.name or topic.encode() != frames[0]:
+        topic, data = frames
+        if topic == HB_TOPIC:
+            return
+        # Only what says who sent it is checked here (kind, src, topic); every subscriber
+        # decodes and checks the whole envelope anyway (the channel).
+        d = ch.header(data) if len(data) > HEADER_ONLY_ABOVE else ch.unpack_raw(data)
+        if not isinstance(d, dict) or d.get("v") != ch.VERSION:
+            raise ch.BadMessage("not an envelope of this version")
+        t = d.get("t")
+        if d.get("k") != "pub" or d.get("src") != peer.name or not isinstance(t, str) or t.encode() != topic:
             self.counters.spoofed += 1
             return
         peer.events += 1
@@ -535,44 +543,102 @@ class Broker:
         send_frames(self.local_pub, frames)
 
     # -- routing ------------------------------------------------------------------
-    def _dispatch(self, env: ch.Envelope) -> None:
-        r = route(env, self.me.name, set(self.peers))
+    def _dispatch(self, d: dict, data) -> None:
+        """Route the checked message ``d`` whose encoded form is ``data`` (bytes or a zmq.Frame,
+        sent on as it is)."""
+        kind = d["k"]
+        r = route_fields(kind, d["dm"], d["ds"], self.me.name, self.peers)
         self.counters.routed += 1
-        if r.to == "self":
-            self._answer_self(env)
-        elif r.to == "local":
-            self._send_or_fail(self.ipc_router, [r.target.encode(), ch.pack(env)], env, "no_service",
-                               f"no service {env.ds!r} on member {self.me.name!r}")
-        elif r.to == "external":
-            self._send_or_fail(self.tcp_router, [bytes.fromhex(r.target), ch.pack(env)], env, "unreachable", "")
-        elif r.to == "peer":
+        to = r.to
+        if kind == "rep":
+            if to != "error" and not self._send_reply(r, data):
+                self._wait_reply(r, data)
+            return
+        if to == "peer":
             link = self.peers[r.target]
             if link.fails_fast(time.monotonic()):
                 self.counters.unreachable += 1
-                if env.kind == "req":
-                    self._reply(ch.reply_to(env, error={"code": "unreachable",
-                                                        "message": f"member {r.target!r} is unreachable"}))
+                if kind == "req":
+                    self._error_reply(d, "unreachable", f"member {r.target!r} is unreachable")
                 return
-            self._send_or_fail(link.dealer, [ch.pack(env)], env, "unreachable",
-                               f"member {r.target!r} is unreachable")
-        elif env.kind == "req":
-            self._reply(ch.reply_to(env, error=r.error))
+            self._send_or_fail(link.dealer, [data], d, "unreachable", f"member {r.target!r} is unreachable")
+        elif to == "local":
+            self._send_or_fail(self.ipc_router, [r.target.encode(), data], d, "no_service",
+                               f"no service {d['ds']!r} on member {self.me.name!r}")
+        elif to == "self":
+            self._answer_self(ch.unpack(_bytes(data)))
+        elif kind == "req":
+            self._error_reply(d, r.error["code"], r.error["message"])
 
-    def _send_or_fail(self, sock: zmq.Socket, frames: list[bytes], env: ch.Envelope, code: str, message: str) -> None:
+    def _send_or_fail(self, sock: zmq.Socket, frames: list, d: dict, code: str, message: str) -> None:
+        """Send a request on; when it cannot go out, count it and answer the caller with an error."""
         try:
             send_frames(sock, frames)
-        except (zmq.Again, zmq.ZMQError) as e:
-            if isinstance(e, zmq.ZMQError) and not isinstance(e, zmq.Again) and e.errno != zmq.EHOSTUNREACH:
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
                 raise
-            setattr(self.counters, code, getattr(self.counters, code) + 1)
-            if env.kind == "req":
-                self._reply(ch.reply_to(env, error={"code": code, "message": message}))
+        else:
+            return
+        setattr(self.counters, code, getattr(self.counters, code) + 1)
+        if d["k"] == "req":
+            self._error_reply(d, code, message)
+
+    def _send_reply(self, r: Route, data) -> bool:
+        """Try once to send a reply along ``r``; False when its way is not open (yet)."""
+        if r.to == "peer":
+            link = self.peers.get(r.target)
+            if link is None or link.fails_fast(time.monotonic()):
+                return False
+            sock, frames = link.dealer, [data]
+        elif r.to == "local":
+            sock, frames = self.ipc_router, [r.target.encode(), data]
+        else:
+            sock, frames = self.tcp_router, [bytes.fromhex(r.target), data]
+        try:
+            send_frames(sock, frames)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            return False
+
+    def _wait_reply(self, r: Route, data) -> None:
+        """Queue a reply that could not go out, for REPLY_RETRY seconds at most."""
+        if len(self._waiting) >= MAX_WAITING_REPLIES:
+            self.counters.replies_dropped += 1
+            return
+        self.counters.replies_queued += 1
+        self._waiting.append((time.monotonic() + REPLY_RETRY, r, data))
+
+    def _retry_replies(self, now: float) -> None:
+        """One attempt for every waiting reply, oldest first; the expired ones are dropped."""
+        for _ in range(len(self._waiting)):
+            give_up, r, data = self._waiting.popleft()
+            try:
+                sent = self._send_reply(r, data)
+            except zmq.ZMQError:
+                sent = False
+            if sent:
+                continue
+            if now >= give_up:
+                self.counters.replies_dropped += 1
+                log.warning("dropped a reply to %s %s: no way back within %.1f s", r.to, r.target, REPLY_RETRY)
+            else:
+                self._waiting.append((give_up, r, data))
+
+    def _error_reply(self, d: dict, code: str, message: str) -> None:
+        """Answer the request ``d`` with the error ``{code, message}``."""
+        self._reply(ch.Envelope(kind="rep", id=d["id"], dm=d.get("src") or "", ds=d.get("sc") or "",
+                                error={"code": code, "message": message}))
 
     def _reply(self, rep: ch.Envelope) -> None:
-        rep.src = self.me.name
-        r = route(rep, self.me.name, set(self.peers))
-        if r.to in ("local", "external", "peer"):
-            self._dispatch(rep)
+        """Send a reply made by this broker on its way."""
+        rep.src, rep.sc = self.me.name, BUS_SERVICE
+        self._dispatch({"k": "rep", "dm": rep.dm, "ds": rep.ds}, ch.pack(rep))
 
     def _answer_self(self, env: ch.Envelope) -> None:
         if env.method == "ping":
@@ -583,6 +649,7 @@ class Broker:
                 "member": self.me.name, "role": self.me.role, "cluster": self.cluster.name,
                 "uptime": round(time.time() - self.started, 3), "pid": os.getpid(),
                 "counters": self.counters.as_dict(),
+                "replies_waiting": len(self._waiting),
                 "peers": {p.name: {"heard_ago": None if not p.last_heard else round(now - p.last_heard, 3),
                                    "events": p.events,
                                    "relinked": p.monitor is not None,

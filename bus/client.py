@@ -14,10 +14,17 @@ API::
 
 ``call`` raises :class:`CallTimeout` when no reply arrives in time and
 :class:`RemoteError` (``.code``, ``.message``) when the far side answered with an error.
+
+On the wire a local client sends an envelope as one frame with ``src`` and ``sc`` set as
+its broker would stamp them (member name, routing id), so the broker routes on the header
+and passes the bytes on; an event goes as two frames ``[topic, envelope]`` that the
+broker publishes as they are. ``on_request`` may return the result (answered at once, no
+task) or an awaitable of it (``async def`` handlers: awaited in a task).
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import time
@@ -28,12 +35,13 @@ import zmq
 from bus import envelope as ch
 from bus import keys as keymod
 from bus import transport
-from bus.broker import recv_frames, send_frames
+from bus.transport import recv_frames, send_frames
 from ecluster.clusterfile import Cluster
 
 log = logging.getLogger("ecluster.bus")
 
-RequestHandler = Callable[[ch.Envelope], Awaitable[Any]]
+#: answers a request: returns the result, or an awaitable of it (an ``async def`` handler)
+RequestHandler = Callable[[ch.Envelope], Any]
 EventHandler = Callable[[str, Any, ch.Envelope], Awaitable[None]]
 
 
@@ -107,6 +115,8 @@ class _Readable:
 
 # a reader yields to other tasks after this many messages in a row
 _FAIR_BATCH = 64
+# ... and stops asking EVENTS before each receive after this many
+_BURST = 8
 
 
 class AsyncClient:
@@ -138,7 +148,7 @@ class AsyncClient:
         self._serving: set[asyncio.Task] = set()     # strong refs: the loop keeps only weak ones
 
     # -- outbound -----------------------------------------------------------------
-    async def _send(self, frames: list[bytes]) -> None:
+    async def _send(self, frames: list) -> None:
         """Send on the DEALER; past the high-water mark, wait (back-pressure) instead of failing."""
         sock = self.dealer
         delay = 0.0005
@@ -151,14 +161,27 @@ class AsyncClient:
                 delay = min(delay * 2, 0.05)
         self._kick_dealer()
 
+    def _send_soon(self, frames: list) -> None:
+        """Send now if the DEALER takes it, else in a task that waits for room (replies)."""
+        try:
+            send_frames(self.dealer, frames)
+        except zmq.Again:
+            self._spawn(self._send(frames))
+            return
+        self._kick_dealer()
+
+    def _stamped(self, env: ch.Envelope) -> bytes:
+        # src and sc as the broker would stamp them, so it forwards our bytes untouched
+        env.src, env.sc = self.member.name, self.identity
+        return ch.pack(env)
+
     async def call(self, member: str | None, service: str, method: str, timeout: float = 2.0, **args) -> Any:
         dm = member or self.member.name
         env = ch.request(dm, service, method, args, time.time() + timeout)
-        env.src = self.member.name
         fut = asyncio.get_running_loop().create_future()
         self.pending[env.id] = fut
         try:
-            await self._send([ch.pack(env)])
+            await self._send([self._stamped(env)])
             rep: ch.Envelope = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise CallTimeout(dm, service, method, timeout) from None
@@ -170,18 +193,14 @@ class AsyncClient:
 
     async def cast(self, member: str | None, service: str, method: str, **args) -> None:
         env = ch.request(member or self.member.name, service, method, args, None, kind="cast")
-        env.src = self.member.name
-        await self._send([ch.pack(env)])
+        await self._send([self._stamped(env)])
 
     async def publish(self, topic: str, body: Any) -> None:
-        env = ch.event(topic, body)
-        env.src = self.member.name
-        await self._send([b"P", topic.encode(), ch.pack(env)])
+        # two frames: the broker's event fast path (it publishes them as they are)
+        await self._send([topic.encode(), ch.pack_event(topic, body, self.member.name)])
 
     async def publish_many(self, topic: str, bodies: list) -> None:
-        env = ch.event(topic, bodies, batch=True)
-        env.src = self.member.name
-        await self._send([b"P", topic.encode(), ch.pack(env)])
+        await self._send([topic.encode(), ch.pack_event(topic, bodies, self.member.name, batch=True)])
 
     def subscribe(self, prefix: str) -> None:
         if self.sub is None:
@@ -232,39 +251,66 @@ class AsyncClient:
                 else:
                     self.late += 1
             elif self.on_request is not None:
-                task = self._loop.create_task(self._serve(env))
-                self._serving.add(task)
-                task.add_done_callback(self._serving.discard)
+                self._serve(env)
         self._loop.call_soon(self._on_dealer)    # more may be queued: let other work run first
 
-    async def _serve(self, env: ch.Envelope) -> None:
+    def _spawn(self, coro) -> None:
+        task = self._loop.create_task(coro)
+        self._serving.add(task)                  # strong ref: the loop keeps only weak ones
+        task.add_done_callback(self._serving.discard)
+
+    def _serve(self, env: ch.Envelope) -> None:
+        """Answer a request: at once when the handler returns a value, from a task when it
+        returns an awaitable (no task, no extra loop pass for a plain method)."""
         if env.deadline is not None and time.time() > env.deadline + 0.5:
             self.late += 1       # the caller gave up already: do not act on a stale request
             return
         try:
-            result = await self.on_request(env)
+            result = self.on_request(env)
+        except Exception as e:
+            self._answer(env, error=e)
+            return
+        if inspect.isawaitable(result):
+            self._spawn(self._finish(env, result))
+        else:
+            self._answer(env, result)
+
+    async def _finish(self, env: ch.Envelope, pending: Awaitable) -> None:
+        try:
+            result = await pending
+        except Exception as e:
+            self._answer(env, error=e)
+            return
+        self._answer(env, result)
+
+    def _answer(self, env: ch.Envelope, result: Any = None, error: Exception | None = None) -> None:
+        if error is None:
             rep = ch.reply_to(env, result=result)
-        except RemoteError as e:
-            rep = ch.reply_to(env, error={"code": e.code, "message": e.message})
-        except Exception as e:  # a handler bug answers with an error, it does not kill the service
-            log.exception("handler for %s.%s failed", env.ds, env.method)
-            rep = ch.reply_to(env, error={"code": "internal", "message": f"{type(e).__name__}: {e}"})
-        if env.kind == "req":
-            rep.src = self.member.name
-            try:
-                data = ch.pack(rep)
-            except ch.BadMessage as e:
-                data = ch.pack(ch.reply_to(env, error={"code": "internal", "message": str(e)}))
-            await self._send([data])
+        elif isinstance(error, RemoteError):
+            rep = ch.reply_to(env, error={"code": error.code, "message": error.message})
+        else:   # a handler bug answers with an error, it does not kill the service
+            log.error("handler for %s.%s failed", env.ds, env.method, exc_info=error)
+            rep = ch.reply_to(env, error={"code": "internal", "message": f"{type(error).__name__}: {error}"})
+        if env.kind != "req":
+            return
+        try:
+            data = self._stamped(rep)
+        except ch.BadMessage as e:
+            data = self._stamped(ch.reply_to(env, error={"code": "internal", "message": str(e)}))
+        self._send_soon([data])
 
     async def _read_sub(self, ready: _Readable) -> None:
         sock = self.sub
         in_a_row = 0
+        readable = False
         while True:
-            frames = recv_frames(sock)
+            # within a burst just try: one zmq.Again at its end costs less than EVENTS each time
+            frames = recv_frames(sock, True, readable or in_a_row >= _BURST)
+            readable = False
             if frames is None:
                 in_a_row = 0
                 await ready.wait()
+                readable = True      # wait() returns once EVENTS said POLLIN
                 continue
             in_a_row += 1
             if in_a_row >= _FAIR_BATCH:
@@ -323,31 +369,46 @@ class SyncClient:
         self.sock = transport.make_socket(self.ctx, zmq.DEALER, 0)
         self.member = cluster.member(via or remote)
         if via is not None:
-            self.sock.setsockopt_string(zmq.ROUTING_ID, f"cli:{os.getpid()}:{os.urandom(3).hex()}")
+            identity = f"cli:{os.getpid()}:{os.urandom(3).hex()}"
+            self.sock.setsockopt_string(zmq.ROUTING_ID, identity)
             self.sock.connect(self.member.ipc_router)
-            self.src = self.member.name
+            # as the broker would stamp them, so it forwards our bytes untouched
+            self.src, self.sc = self.member.name, identity
         else:
             pair = keymod.load(cluster.keys_dir, key)
             server = keymod.load(cluster.keys_dir, self.member.name, secret=False).public
             transport.tcp_options(self.sock, cluster.timing)
             transport.curve_client(self.sock, pair, server)
             self.sock.connect(self.member.bus_endpoint)
-            self.src = ""
+            self.src, self.sc = "", ""
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+
+    def _send(self, env: ch.Envelope) -> None:
+        env.src, env.sc = self.src, self.sc
+        data = ch.pack(env)
+        try:
+            send_frames(self.sock, [data])
+        except zmq.Again:          # past the HWM (or no connection yet): block as zmq would
+            self.sock.send(data)
 
     def call(self, member: str | None, service: str, method: str, timeout: float = 2.0, **args) -> Any:
         dm = member or self.member.name
         env = ch.request(dm, service, method, args, time.time() + timeout)
-        env.src = self.src
-        self.sock.send(ch.pack(env))
+        self._send(env)
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
-                if time.monotonic() >= deadline:
-                    raise CallTimeout(dm, service, method, timeout)
+            frames = recv_frames(self.sock)
+            if frames is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._poller.poll(int(left * 1000) + 1):
+                    if time.monotonic() >= deadline:
+                        raise CallTimeout(dm, service, method, timeout)
+                continue
+            if len(frames) != 1:
                 continue
             try:
-                rep = ch.unpack(self.sock.recv())
+                rep = ch.unpack(frames[0])
             except ch.BadMessage:
                 continue
             if rep.kind != "rep" or rep.id != env.id:
@@ -357,9 +418,7 @@ class SyncClient:
             return rep.body
 
     def cast(self, member: str | None, service: str, method: str, **args) -> None:
-        env = ch.request(member or self.member.name, service, method, args, None, kind="cast")
-        env.src = self.src
-        self.sock.send(ch.pack(env))
+        self._send(ch.request(member or self.member.name, service, method, args, None, kind="cast"))
 
     def close(self) -> None:
         self.sock.close(linger=0)

@@ -115,9 +115,12 @@ def _str(d: dict, key: str, required: bool = True, limit: int = MAX_NAME) -> str
     return v
 
 
-def unpack(data: bytes) -> Envelope:
-    """Bytes -> checked Envelope, or BadMessage."""
-    d = unpack_raw(data)
+def check_wire(d: Any, body: bool = True) -> dict:
+    """The shape rules of a decoded envelope map; returns ``d`` or raises BadMessage. Pure.
+
+    ``body=False``: ``d`` holds the header only (see :func:`header`); the body's own shape
+    is then left to the receiving end, which decodes it anyway.
+    """
     if not isinstance(d, dict):
         raise BadMessage("envelope is not a map")
     v = d.get("v")
@@ -126,33 +129,107 @@ def unpack(data: bytes) -> Envelope:
     kind = d.get("k")
     if kind not in KINDS:
         raise BadMessage(f"unknown message kind {kind!r}")
-    env = Envelope(kind=kind, id=_str(d, "id"), src=_str(d, "src", False) or "", sc=_str(d, "sc", False) or "")
-    env.body = d.get("b")
+    _str(d, "id")
+    _str(d, "src", False)
+    _str(d, "sc", False)
     if kind == "pub":
-        env.topic = _str(d, "t", limit=256)
-        env.batch = d.get("n") is True
-        if env.batch and not isinstance(env.body, list):
+        _str(d, "t", limit=256)
+        if body and d.get("n") is True and not isinstance(d.get("b"), list):
             raise BadMessage("batched event without a list body")
+        return d
+    _str(d, "dm")
+    _str(d, "ds")
+    if kind == "rep":
+        e = d.get("e")
+        if e is not None and not (isinstance(e, dict) and isinstance(e.get("code"), str)
+                                  and isinstance(e.get("message"), str)):
+            raise BadMessage("error reply must carry {code, message} strings")
+        return d
+    _str(d, "m")
+    if body:
+        args = d.get("b")
+        if args is not None and (not isinstance(args, dict) or not all(isinstance(k, str) for k in args)):
+            raise BadMessage("call arguments must be a map with string keys")
+    dl = d.get("dl")
+    if dl is not None and not isinstance(dl, (int, float)):
+        raise BadMessage("deadline must be a number")
+    return d
+
+
+def unpack(data: bytes) -> Envelope:
+    """Bytes -> checked Envelope, or BadMessage."""
+    d = check_wire(unpack_raw(data))
+    kind = d["k"]
+    env = Envelope(kind=kind, id=d["id"], src=d.get("src") or "", sc=d.get("sc") or "", body=d.get("b"))
+    if kind == "pub":
+        env.topic = d["t"]
+        env.batch = d.get("n") is True
     else:
-        env.dm = _str(d, "dm")
-        env.ds = _str(d, "ds")
-        if kind in ("req", "cast"):
-            env.method = _str(d, "m")
+        env.dm, env.ds = d["dm"], d["ds"]
+        if kind == "rep":
+            env.error = d.get("e")
+        else:
+            env.method = d["m"]
+            env.deadline = d.get("dl")
             if env.body is None:
                 env.body = {}
-            if not isinstance(env.body, dict) or not all(isinstance(k, str) for k in env.body):
-                raise BadMessage("call arguments must be a map with string keys")
-            dl = d.get("dl")
-            if dl is not None and not isinstance(dl, (int, float)):
-                raise BadMessage("deadline must be a number")
-            env.deadline = dl
-        else:  # rep
-            e = d.get("e")
-            if e is not None:
-                if not (isinstance(e, dict) and isinstance(e.get("code"), str) and isinstance(e.get("message"), str)):
-                    raise BadMessage("error reply must carry {code, message} strings")
-                env.error = e
     return env
+
+
+# first byte of a msgpack map / array (fix, 16-bit and 32-bit lengths) and of nil
+_MAP_BYTES = frozenset([*range(0x80, 0x90), 0xDE, 0xDF, 0xC0])
+_ARRAY_BYTES = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
+
+
+def _header(data: bytes) -> tuple[dict, int | None]:
+    """(header fields, first byte of the body or None); see :func:`header`."""
+    if len(data) > MAX_FRAME:
+        raise BadMessage(f"frame of {len(data)} bytes exceeds {MAX_FRAME}")
+    u = msgpack.Unpacker(raw=False, strict_map_key=True, max_str_len=MAX_STR, max_bin_len=MAX_BIN,
+                         max_array_len=MAX_ARRAY, max_map_len=MAX_MAP, max_ext_len=0,
+                         max_buffer_size=max(len(data), 1024))
+    u.feed(data)
+    head: dict = {}
+    first = None
+    try:
+        for _ in range(u.read_map_header()):
+            key = u.unpack()
+            if not isinstance(key, str):
+                raise ValueError("map key is not a string")
+            if key == "b":
+                first = data[u.tell()]          # the body's first byte: its msgpack type
+                u.skip()
+            else:
+                head[key] = u.unpack()
+    except Exception as e:  # msgpack raises many types on garbage: all mean "not ours"
+        raise BadMessage(f"undecodable frame: {type(e).__name__}") from None
+    if u.tell() != len(data):
+        raise BadMessage("undecodable frame: ExtraData")
+    return head, first
+
+
+def header(data: bytes) -> dict:
+    """The header fields of an envelope (everything but the body ``b``), without decoding the body.
+
+    A broker only needs the routing fields of a message; its body goes on as bytes and the
+    receiving end decodes and checks it (the channel), so decoding a large body in every
+    broker would only multiply its cost. Same size limits as :func:`unpack_raw`; the body is
+    walked (``skip``) so a truncated one is still refused. Raises :class:`BadMessage`. Pure.
+    """
+    return _header(data)[0]
+
+
+def checked_header(data: bytes) -> dict:
+    """:func:`header`, checked like :func:`check_wire`, plus the body's type (a map of call
+    arguments, a list for a batch) read from its first byte. Pure."""
+    head, first = _header(data)
+    check_wire(head, body=False)
+    kind = head["k"]
+    if kind in ("req", "cast") and first is not None and first not in _MAP_BYTES:
+        raise BadMessage("call arguments must be a map with string keys")
+    if kind == "pub" and head.get("n") is True and first not in _ARRAY_BYTES:
+        raise BadMessage("batched event without a list body")
+    return head
 
 
 _ids = itertools.count(1)
@@ -175,3 +252,15 @@ def reply_to(req: Envelope, result: Any = None, error: dict | None = None) -> En
 
 def event(topic: str, body: Any, batch: bool = False) -> Envelope:
     return Envelope(kind="pub", id=new_id(), topic=topic, body=body, batch=batch)
+
+
+def pack_event(topic: str, body: Any, src: str, batch: bool = False) -> bytes:
+    """``pack(event(topic, body, batch))`` with ``src`` set, without the Envelope on the way
+    (a publisher's hot path). Raises BadMessage like :func:`pack`."""
+    d = {"v": VERSION, "k": "pub", "id": new_id(), "src": src, "sc": "", "t": topic, "b": body}
+    if batch:
+        d["n"] = True
+    try:
+        return msgpack.packb(d, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise BadMessage(f"cannot encode message body: {e}") from None

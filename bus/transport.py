@@ -2,7 +2,8 @@
 
 Every socket the bus makes comes from here, so LINGER, HWM, heartbeats, reconnect
 intervals and size limits are set in one place (the channel in :mod:`bus.envelope`
-never sees a socket).
+never sees a socket), and so do the frame helpers :func:`send_frames` and
+:func:`recv_frames` that brokers and clients move messages with.
 
 Settings and why:
   LINGER          brokers 200 ms (flush replies on shutdown), clients 0 (never hang on exit)
@@ -54,6 +55,47 @@ def tcp_options(sock: zmq.Socket, timing: Timing) -> None:
 
 def make_socket(ctx: zmq.Context, kind: int, linger_ms: int = 0) -> zmq.Socket:
     return _common(ctx.socket(kind), linger_ms)
+
+
+# -- frames without pyzmq's sugar ------------------------------------------------------
+# pyzmq's send_multipart/recv_multipart combine enum flags on every frame and ask the
+# socket for RCVMORE after each one (a getsockopt through the wrapper, dearer than the
+# recv itself on small messages); these call the backend with plain ints and read "more"
+# from the received frame. Same semantics: a multipart message is accepted whole or
+# refused at its first frame (zmq.Again past the HWM, EHOSTUNREACH for an unknown ROUTER peer).
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_get = zmq.backend.Socket.get
+
+
+def send_frames(sock: zmq.Socket, frames: list) -> None:
+    """Send ``frames`` (bytes or received :class:`zmq.Frame`s, forwarded without a copy)
+    as one message without blocking (raises zmq.Again past the HWM)."""
+    last = len(frames) - 1
+    for i in range(last):
+        _send(sock, frames[i], _MORE_NOBLOCK)
+    _send(sock, frames[last], _NOBLOCK)
+
+
+def recv_frames(sock: zmq.Socket, copy: bool = True, ready: bool = False) -> list | None:
+    """The next whole message on ``sock`` (bytes, or :class:`zmq.Frame`s with copy=False),
+    or None when there is none (never blocks). ``ready``: a poll just reported the socket
+    readable, so skip asking it again (EVENTS costs about as much as the recv)."""
+    if not ready and not _get(sock, _EVENTS) & _POLLIN:
+        return None
+    try:
+        f = _recv(sock, _NOBLOCK, False)
+    except zmq.Again:       # "ready" was stale after all
+        return None
+    parts = [f.bytes if copy else f]
+    while f.more:
+        f = _recv(sock, _NOBLOCK, False)
+        parts.append(f.bytes if copy else f)
+    return parts
 
 
 def curve_server(sock: zmq.Socket, pair: keymod.KeyPair) -> None:

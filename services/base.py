@@ -14,6 +14,9 @@ with ``await self.offload(fn, ...)``):
   handle_event(topic, body, env) for each event matching ``subscriptions`` (prefixes)
   handle_call(method, args, env) for each call/cast; the default dispatches to
                                  ``rpc_<method>(**args)`` and refuses unknown methods
+                                 and arguments that do not fit (``bad_arguments``); a
+                                 plain (not async) ``rpc_`` method is then answered
+                                 straight from the bus reader, without a task
   handle_tick()                 every ``tick_interval`` seconds (None: never)
   handle_reload()               when configsync applies a new configuration revision
   handle_stop()                 once, on SIGTERM/SIGINT, before the bus closes
@@ -55,6 +58,39 @@ class UnknownService(LookupError):
     pass
 
 
+class ParamShape:
+    """Which keyword arguments a function takes, for a check cheaper than
+    ``inspect.signature(fn).bind`` on every call (the signature is read once per function)."""
+
+    __slots__ = ("signature", "names", "required", "any_keyword", "never")
+
+    def __init__(self, signature: inspect.Signature):
+        P = inspect.Parameter
+        params = signature.parameters.values()
+        self.signature = signature
+        self.names = frozenset(p.name for p in params if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY))
+        self.required = frozenset(p.name for p in params if p.default is P.empty
+                                  and p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY))
+        self.any_keyword = any(p.kind is P.VAR_KEYWORD for p in params)
+        # a positional-only parameter without a default can never be given by keyword
+        self.never = any(p.kind is P.POSITIONAL_ONLY and p.default is P.empty for p in params)
+
+    @classmethod
+    def of(cls, fn) -> "ParamShape":
+        return cls(inspect.signature(fn))
+
+    def fits(self, args: dict) -> bool:
+        """Would ``fn(**args)`` bind? Pure."""
+        keys = args.keys()
+        if self.never or not self.required <= keys:
+            return False
+        return self.any_keyword or keys <= self.names
+
+
+# function -> its ParamShape (functions of service classes: a few dozen per process)
+_shapes: dict = {}
+
+
 class Service:
     """Base class of every service (see the module docstring for the contract)."""
 
@@ -90,17 +126,32 @@ class Service:
         pass
 
     async def handle_call(self, method: str, args: dict, env: ch.Envelope) -> Any:
-        fn = getattr(self, f"rpc_{method}", None)
-        if fn is None or not callable(fn):
-            raise ServiceError(f"service {self.name!r} has no method {method!r}", "unknown_method")
-        try:
-            inspect.signature(fn).bind(**args)
-        except TypeError as e:
-            raise ServiceError(f"{self.name}.{method}: {e}", "bad_arguments") from None
-        result = fn(**args)
+        result = self._rpc(method, args)(**args)
         if inspect.isawaitable(result):
             result = await result
         return result
+
+    def _rpc(self, method: str, args: dict):
+        """The bound ``rpc_<method>``, once ``args`` are known to fit its parameters; else
+        ServiceError (unknown_method, bad_arguments)."""
+        fn = getattr(self, f"rpc_{method}", None)
+        if fn is None or not callable(fn):
+            raise ServiceError(f"service {self.name!r} has no method {method!r}", "unknown_method")
+        func = getattr(fn, "__func__", fn)
+        try:
+            shape = _shapes.get(func)
+        except TypeError:                          # an unhashable callable object: no cache
+            shape = func = None
+        if shape is None:
+            shape = ParamShape.of(fn)
+            if func is not None:
+                _shapes[func] = shape
+        if not shape.fits(args):
+            try:
+                shape.signature.bind(**args)      # only to word the error as Python does
+            except TypeError as e:
+                raise ServiceError(f"{self.name}.{method}: {e}", "bad_arguments") from None
+        return fn
 
     async def handle_tick(self) -> None:
         pass
@@ -151,8 +202,13 @@ class Service:
         if any(topic.startswith(p) for p in self.subscriptions):
             await self.handle_event(topic, body, env)
 
-    async def _on_request(self, env: ch.Envelope) -> Any:
-        return await self.handle_call(env.method, env.body, env)
+    def _on_request(self, env: ch.Envelope) -> Any:
+        # A plain rpc_ method is answered without a task (the bus client replies at once
+        # when it gets a value, awaits it when it gets an awaitable); an overridden
+        # handle_call keeps its own (async) path.
+        if type(self).handle_call is Service.handle_call:
+            return self._rpc(env.method, env.body)(**env.body)
+        return self.handle_call(env.method, env.body, env)
 
     async def run(self) -> None:
         """Connect, run hooks until SIGTERM/SIGINT, stop cleanly."""
