@@ -18,7 +18,11 @@ Derived:
                     reach waits this long after the holder's last grant before granting
                     it elsewhere, so the old holder's lease has run out on its own clock.
   election_timeout = D              a member stands for coordinator after hearing nothing
-                                    from a coordinator for as long as it takes to declare it dead.
+                                    from a coordinator for as long as it takes to declare it dead
+                                    (after a pre-vote: no term is bumped without a majority's yes).
+  reconnect_ivl_max = max(r, min(10 r, D / 2))
+                                    zmq's reconnect back-off (r = reconnect_ivl): links come back
+                                    within D/2 of a heal.
   new_term_wait   = handover_wait   a fresh coordinator grants nothing for this long, since
                                     its predecessor may have granted leases it cannot know of.
 
@@ -93,7 +97,9 @@ def _make(name: str, probe_interval: float, k_suspect: float, k_dead: float,
         zmq_heartbeat_ivl_ms=zmq_hb_ms,
         zmq_heartbeat_timeout_ms=3 * zmq_hb_ms,
         reconnect_ivl_ms=reconnect_ms,
-        reconnect_ivl_max_ms=10 * reconnect_ms,
+        # back-off of zmq's reconnection attempts, capped at half of dead_after: after a
+        # partition heals every link is back well within one failure-detection period
+        reconnect_ivl_max_ms=max(reconnect_ms, min(10 * reconnect_ms, round(dead_after * 500))),
     )
 
 

@@ -620,3 +620,87 @@ def handover_wait(lease_duration: float, max_drift_ppm: float = DEFAULT_MAX_DRIF
     drift = _check_number("max_drift_ppm", max_drift_ppm)
     extra = _check_number("margin", margin)
     return length * (1.0 + drift / 1e6) + extra
+
+
+# --------------------------------------------------------------------------- one node's promises
+
+
+class LeaseBook:
+    """The promises of one VIP as one node counts them: the node's rule of docs/ELECTION.md §3.
+
+    Pure bookkeeping (every time is passed in, on the node's monotonic clock); services/vip.py
+    does the asking, docs/model/election.pml checks the rule.
+
+    * A granted *current* promise counts from ``t_req`` (the clock before asking) for ``lease``.
+    * A granted *successor* promise ("after H") is only *pending*: it counts once H answered a
+      handover request that was **sent after the promise was received** (:meth:`confirm` with the
+      time the request was sent). A successor's renewal is pending again; the entry it renews
+      keeps counting meanwhile. One confirmation never covers promises received after it was
+      asked for (the bug of the wanting-epoch rule: ``-DEPOCH_CONFIRM`` in the model).
+    * :meth:`fence` (we released, or confirmed a handover to someone else) forgets everything
+      and voids replies to requests sent at or before that instant.
+    """
+
+    def __init__(self, quorum: int, lease: float, guard: float = 0.0):
+        self.quorum = quorum
+        self.lease = lease
+        self.guard = guard
+        #: voter -> (expiry, previous holder of a confirmed successor promise, else None)
+        self.counted: dict[str, tuple[float, str | None]] = {}
+        #: voter -> (expiry, previous holder, received at): successor promises awaiting confirmation
+        self.pending: dict[str, tuple[float, str, float]] = {}
+        self.fenced_at = -math.inf
+
+    def take_reply(self, voter: str, t_req: float, granted: bool, after: str | None, now: float) -> str | None:
+        """Record ``voter``'s answer to a request sent at ``t_req``, received at ``now``.
+
+        Returns the previous holder to ask for a handover when the answer is a successor
+        promise, else None. Replies to requests sent before the fence change nothing.
+        """
+        if t_req <= self.fenced_at:
+            return None
+        if not granted:
+            self.counted.pop(voter, None)
+            self.pending.pop(voter, None)
+            return None
+        expiry = t_req + self.lease
+        if after is None:
+            self.counted[voter] = (expiry, None)
+            self.pending.pop(voter, None)
+            return None
+        self.pending[voter] = (expiry, after, now)
+        return after
+
+    def confirm(self, holder: str, asked_at: float) -> int:
+        """``holder`` answered a handover request sent at ``asked_at``: it does not hold the VIP
+        (and has fenced itself). Successor promises after ``holder`` received at or before
+        ``asked_at`` count from now on; returns how many."""
+        moved = 0
+        for voter, (expiry, after, received) in list(self.pending.items()):
+            if after == holder and received <= asked_at:
+                self.counted[voter] = (expiry, after)
+                del self.pending[voter]
+                moved += 1
+        return moved
+
+    def awaiting(self, holder: str) -> bool:
+        """Is some successor promise after ``holder`` waiting for its confirmation?"""
+        return any(after == holder for _, after, _ in self.pending.values())
+
+    def fence(self, now: float) -> None:
+        """Forget every promise and void replies to requests sent at or before ``now``."""
+        self.counted.clear()
+        self.pending.clear()
+        self.fenced_at = now
+
+    def quorum_until(self) -> float:
+        """Instant until which a majority of counted promises is valid, less the guard (0.0: none)."""
+        expiries = sorted((e for e, _ in self.counted.values()), reverse=True)
+        if len(expiries) < self.quorum:
+            return 0.0
+        return expiries[self.quorum - 1] - self.guard
+
+    def confirmed_successor(self, now: float) -> bool:
+        """Does an unexpired, confirmed successor promise count? Then the previous holder has
+        unplumbed and fenced itself, and no ARP probe is needed before plumbing."""
+        return any(after is not None and e > now for e, after in self.counted.values())

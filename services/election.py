@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import time
@@ -86,13 +87,16 @@ class ElectionService(Service):
         self.vip_status: dict[str, dict] = {}      # node -> last vip.status body (+ "_at")
         self.assignment: dict = {"term": 0, "leader": None, "seq": 0, "owners": {}, "drained": [],
                                  "pinned": {}, "candidates": [], "settled": time.time()}
-        self.promises: dict[str, tuple[str, float]] = {}    # vip -> (holder, expires monotonic)
+        # vip -> (holder, expires on our monotonic clock, the holder's clock when it last asked)
+        self.promises: dict[str, tuple[str, float, float]] = {}
         self.grant_after = 0.0
-        self.successors: dict[str, tuple[str, float]] = {}  # vip -> (next holder, expires)
+        self.successors: dict[str, tuple[str, float, float]] = {}  # vip -> (next holder, expires, asked)
         self.drained: set[str] = set()
         self.pinned: dict[str, str] = {}
         self.seq = 0
         self.leader_since = 0.0
+        self.lost_in_a_row = 0                     # candidacies lost in a row (back-off)
+        self.counters = {"prevotes": 0, "prevotes_won": 0, "candidacies": 0, "elected": 0}
 
     # -- persistence ----------------------------------------------------------------
     def _load(self) -> None:
@@ -133,9 +137,11 @@ class ElectionService(Service):
         self._reset_election_deadline(now)
         self.log.info("election up: term %d, voters %s, quorum %d", self.term, self.voters, self.quorum)
 
-    def _reset_election_deadline(self, now: float) -> None:
+    def _reset_election_deadline(self, now: float, backoff: int = 0) -> None:
+        """Stand at ``election_timeout`` + a random part; ``backoff`` (candidacies lost in a
+        row) widens the random part, so candidates that split the vote rarely collide again."""
         et = self.timing.election_timeout
-        self.election_deadline = now + et + random.uniform(0, et)
+        self.election_deadline = now + et + random.uniform(0, et * min(4, 1 + backoff))
 
     async def handle_tick(self) -> None:
         now = time.monotonic()
@@ -154,14 +160,48 @@ class ElectionService(Service):
         alive = sum(1 for v in self.voters if v == self.member.name or members.get(v, {}).get("state") == "alive")
         return alive >= self.quorum
 
-    def _become_follower(self, leader: str | None) -> None:
+    def _become_follower(self, leader: str | None, lost: bool = False) -> None:
         self.role = FOLLOWER
         self.leader = leader
-        self._reset_election_deadline(time.monotonic())
+        self.lost_in_a_row = self.lost_in_a_row + 1 if lost else 0
+        self._reset_election_deadline(time.monotonic(), self.lost_in_a_row)
 
     # -- standing for coordinator ---------------------------------------------------
+    async def _prevote(self) -> bool:
+        """Would a majority vote for us in term+1? Asked without bumping any term (Raft's
+        pre-vote, thesis §9.6): a member cut off from the majority never inflates its term, so
+        after a partition heals the terms still agree and one candidacy usually settles it."""
+        self.counters["prevotes"] += 1
+        term = self.term + 1
+        height = read_config_height(self.data_dir)
+        timeout = max(0.2, 3 * self.timing.probe_interval)
+
+        async def ask(voter: str) -> bool:
+            try:
+                r = await self.call(voter, "election", "prevote", timeout=timeout, term=term,
+                                    candidate=self.member.name, config_height=height)
+            except BusError:
+                return False
+            if isinstance(r, dict) and isinstance(r.get("term"), int) and r["term"] > self.term:
+                self._observe_term(int(r["term"]))
+            return bool(isinstance(r, dict) and r.get("granted"))
+
+        others = [v for v in self.voters if v != self.member.name]
+        grants = 1 + sum(await asyncio.gather(*(ask(v) for v in others)))
+        won = grants >= self.quorum and self.term + 1 == term and self.role == CANDIDATE
+        if won:
+            self.counters["prevotes_won"] += 1
+        return won
+
     async def _stand(self) -> None:
         self.role = CANDIDATE
+        if not await self._prevote():
+            if self.role == CANDIDATE:
+                self._become_follower(None)
+            return
+        if self.role != CANDIDATE:
+            return
+        self.counters["candidacies"] += 1
         self.term += 1
         self.voted_for = self.member.name
         self._persist_vote()
@@ -187,10 +227,12 @@ class ElectionService(Service):
             self.role = LEADER
             self.leader = self.member.name
             self.leader_since = time.monotonic()
+            self.lost_in_a_row = 0
+            self.counters["elected"] += 1
             self.log.info("coordinator for term %d with %d of %d votes", term, votes, len(self.voters))
             await self._publish_assignment()
         else:
-            self._become_follower(None)
+            self._become_follower(None, lost=True)
 
     def _observe_term(self, term: int) -> None:
         if term > self.term:
@@ -199,6 +241,32 @@ class ElectionService(Service):
             self._persist_vote()
             if self.role != FOLLOWER:
                 self._become_follower(None)
+
+    def _vote_refusal(self, term: int, candidate: str, config_height: int, now: float) -> str | None:
+        """Why we would not vote for ``candidate`` in ``term`` (None: we would), no state change."""
+        if term < self.term:
+            return "stale term"
+        mine = read_config_height(self.data_dir)
+        if config_height < mine:
+            return f"config behind ({config_height} < {mine})"
+        if (self.leader not in (None, candidate) and now - self.leader_heard < self.timing.election_timeout
+                and self.role != LEADER):
+            return f"coordinator {self.leader} is alive"
+        if self.role == LEADER and (term == self.term or self._majority_alive()):
+            return "I am coordinator" + (" of this term" if term == self.term else " and see a majority")
+        if term == self.term and self.voted_for not in (None, candidate):
+            return f"voted for {self.voted_for}"
+        return None
+
+    def rpc_prevote(self, term: int, candidate: str, config_height: int = 0) -> dict:
+        """Would we vote for ``candidate`` in ``term``? Changes nothing (no term, no vote)."""
+        if candidate not in self.voters or not isinstance(term, int) or not isinstance(config_height, int):
+            raise ServiceError(f"{candidate!r} is not a voter", "bad_arguments")
+        reason = self._vote_refusal(term, candidate, config_height, time.monotonic())
+        out = {"granted": reason is None, "term": self.term}
+        if reason is not None:
+            out["reason"] = reason
+        return out
 
     def rpc_vote(self, term: int, candidate: str, config_height: int = 0) -> dict:
         now = time.monotonic()
@@ -328,7 +396,7 @@ class ElectionService(Service):
         await self.publish("election.assignment", a)
 
     # -- lease votes ----------------------------------------------------------------
-    def _current(self, vip: str, now: float) -> tuple[str, float] | None:
+    def _current(self, vip: str, now: float) -> tuple[str, float, float] | None:
         """The unexpired promise of ``vip``; an expired one gives way to its successor."""
         cur = self.promises.get(vip)
         if cur is not None and cur[1] <= now:
@@ -340,7 +408,7 @@ class ElectionService(Service):
                 cur = self.promises[vip] = nxt
         return cur
 
-    def rpc_promise(self, holder: str, vips: list) -> dict:
+    def rpc_promise(self, holder: str, vips: list, asked: float | None = None) -> dict:
         """Promise each VIP in ``vips`` to ``holder`` if we safely can. Never blocks.
 
         Results per VIP: ``{"granted": True}``; ``{"granted": True, "after": H}`` — a
@@ -349,9 +417,15 @@ class ElectionService(Service):
         ``{"granted": False, "retry_after": seconds|None, "reason": ...}``.
         A VIP has at most one promise and one successor promise at a voter: nobody else
         is promised anything until both have run out or been released.
+        ``asked``: the holder's monotonic clock when it sent this request; a release drops
+        only promises asked for before the fence it carries (see :meth:`rpc_release`).
         """
         if holder not in self.cluster.nodes or not isinstance(vips, list):
             raise ServiceError("promise needs a node name and a list of VIPs", "bad_arguments")
+        if asked is None:
+            asked = -math.inf
+        elif isinstance(asked, bool) or not isinstance(asked, (int, float)) or math.isnan(asked):
+            raise ServiceError("promise: asked must be a number (the holder's clock)", "bad_arguments")
         now = time.monotonic()
         owners = self.assignment.get("owners", {})
         out: dict[str, dict] = {}
@@ -371,7 +445,7 @@ class ElectionService(Service):
                 del self.successors[vip]
                 nxt = None
             if cur is None:
-                self.promises[vip] = (holder, now + self.promise_for)
+                self.promises[vip] = (holder, now + self.promise_for, asked)
                 out[vip] = {"granted": True}
             elif cur[0] == holder:
                 if nxt is not None:
@@ -380,31 +454,42 @@ class ElectionService(Service):
                     out[vip] = {"granted": False, "retry_after": nxt[1] - now,
                                 "reason": f"being handed over to {nxt[0]}"}
                 else:
-                    self.promises[vip] = (holder, now + self.promise_for)
+                    # max: a request overtaken by a later one must not make the promise look older
+                    self.promises[vip] = (holder, now + self.promise_for, max(asked, cur[2]))
                     out[vip] = {"granted": True}
             elif nxt is None or nxt[0] == holder:
-                self.successors[vip] = (holder, now + self.promise_for)
+                prev_asked = nxt[2] if nxt is not None else -math.inf
+                self.successors[vip] = (holder, now + self.promise_for, max(asked, prev_asked))
                 out[vip] = {"granted": True, "after": cur[0]}
             else:
                 out[vip] = {"granted": False, "retry_after": min(cur[1], nxt[1]) - now,
                             "reason": f"promised to {cur[0]}, then {nxt[0]}"}
         return {"voter": self.member.name, "term": self.term, "results": out}
 
-    def rpc_release(self, holder: str, vips: list) -> dict:
-        """``holder`` has unplumbed ``vips``: drop its promises; a successor's becomes current."""
+    def rpc_release(self, holder: str, vips: list, before: dict | None = None) -> dict:
+        """``holder`` has unplumbed ``vips``: drop its promises; a successor's becomes current.
+
+        ``before`` ({vip: the holder's clock at its fence}): drop only promises asked for at
+        or before that instant. A release that arrives after a later request of the holder
+        (the holder counts that one) then leaves its promise alone. Without it, drop all.
+        """
         released = []
         now = time.monotonic()
+        fences = before if isinstance(before, dict) else {}
         for raw in vips if isinstance(vips, list) else []:
             if not isinstance(raw, str):
                 continue
             vip = vip_key(raw)
+            fence = fences.get(raw, fences.get(vip, math.inf))
+            if isinstance(fence, bool) or not isinstance(fence, (int, float)) or math.isnan(fence):
+                fence = math.inf
             cur = self.promises.get(vip)
-            if cur is not None and cur[0] == holder:
+            if cur is not None and cur[0] == holder and cur[2] <= fence:
                 del self.promises[vip]
                 released.append(vip)
                 self._current(vip, now)
             nxt = self.successors.get(vip)
-            if nxt is not None and nxt[0] == holder:
+            if nxt is not None and nxt[0] == holder and nxt[2] <= fence:
                 del self.successors[vip]
         return {"released": released}
 
@@ -475,10 +560,10 @@ class ElectionService(Service):
         return {
             "member": self.member.name, "role": self.role, "term": self.term, "leader": self.leader,
             "voted_for": self.voted_for, "quorum": self.quorum, "voters": self.voters,
-            "assignment": self.assignment, "view": self.view,
+            "assignment": self.assignment, "view": self.view, "counters": self.counters,
             "vips": self.vip_table(now),
-            "promises": {v: {"holder": h, "expires_in": round(e - now, 3)} for v, (h, e) in self.promises.items()},
-            "successors": {v: {"holder": h, "expires_in": round(e - now, 3)} for v, (h, e) in self.successors.items()},
+            "promises": {v: {"holder": h, "expires_in": round(e - now, 3)} for v, (h, e, _) in self.promises.items()},
+            "successors": {v: {"holder": h, "expires_in": round(e - now, 3)} for v, (h, e, _) in self.successors.items()},
         }
 
     def vip_table(self, now: float) -> list[dict]:

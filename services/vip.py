@@ -6,13 +6,22 @@ Loop, per VIP (state machine: :class:`node.vipcore.VipOwnerFSM`):
   assigned here, ask every voter for a promise (``election.promise``), noting our
   monotonic clock *before* asking; a granted promise is good for ``lease`` seconds from
   then. With promises from a majority of voters the VIP is ours: plumb (pyroute2,
-  replace), send a gratuitous-ARP burst, schedule a repeat. Renew every ``lease/3``.
+  replace), send a gratuitous-ARP burst, schedule a repeat. Renew every ``lease/3``
+  (a request waits up to ``lease`` for its reply, and two may overlap per voter, so a
+  starved voter's late reply still counts and does not hold the next renewal up).
+* A *successor* promise ("after H") counts only once H, asked **after** that promise
+  arrived, confirms it no longer holds the VIP (``vip.handover``; H fences itself as it
+  answers); a renewal of it waits for a new confirmation while the old entry keeps
+  counting. The bookkeeping is :class:`node.vipcore.LeaseBook`, the rule is model-checked
+  in docs/model/election.pml. Only with such a confirmed successor promise do we plumb
+  without an ARP probe.
 * The moment fewer than a majority of promises are unexpired (a timer fires at that
   instant, minus a small guard), unplumb. No message is needed for that: a partitioned
   owner fences itself on its own clock.
-* When the assignment names another node: unplumb, tell the voters (``release``) and
-  publish ``vip.released`` so the next owner asks again at once (graceful move: release,
-  then acquire).
+* When the assignment names another node: unplumb, fence, tell the voters (``release``,
+  carrying the fence so a voter drops only promises asked for before it) and publish
+  ``vip.released`` so the next owner asks again at once (graceful move: release, then
+  acquire).
 * On start every managed address found on our interfaces is removed first: a restarted
   service has forgotten its leases, so it must not hold anything it cannot prove.
 * Every ``reconcile_every`` the interfaces are compared with the state machine; another
@@ -35,7 +44,7 @@ import time
 from typing import Any
 
 from bus.client import BusError
-from node.vipcore import Action, Event, State, VipOwnerFSM, vip_key
+from node.vipcore import Action, Event, LeaseBook, State, VipOwnerFSM, vip_key
 from services.base import Service
 
 
@@ -76,24 +85,32 @@ class VipService(Service):
         type(self).tick_interval = t.probe_interval
         self.specs = {vip_key(v.address): v for v in cluster.vips}
         self.fsm = {k: VipOwnerFSM(k) for k in self.specs}
-        # vip -> voter -> (expiry on our clock, previous holder it is conditional on, or None)
-        self.promises: dict[str, dict[str, tuple[float, str | None]]] = {k: {} for k in self.specs}
-        self.confirmed: dict[str, set[str]] = {k: set() for k in self.specs}   # handovers confirmed
-        self.epoch: dict[str, int] = {k: 0 for k in self.specs}               # bumps when we start wanting
+        self.guard = min(0.02, t.margin / 4)
+        # per VIP: counted promises, successor promises awaiting their handover confirmation,
+        # and the fence (node.vipcore.LeaseBook; the rule is checked by docs/model/election.pml)
+        self.books = {k: LeaseBook(cluster.quorum, t.lease, self.guard) for k in self.specs}
         self.handover_in_flight: set[tuple[str, str]] = set()
-        # Once we confirm a handover or release at the voters, promises obtained by requests
-        # sent before that moment must never count again (found by the Promela model).
-        self.fence: dict[str, float] = {k: 0.0 for k in self.specs}
+        self.handover_again: set[tuple[str, str]] = set()
         self.assignment: dict = {"term": -1, "seq": -1, "owners": {}}
-        self.in_flight: set[str] = set()
+        self.in_flight: dict[str, int] = {}        # voter -> promise requests awaiting a reply
+        self.retry_soon: set[str] = set()             # voters to ask again shortly (stale assignment)
+        self.quick_retries: dict[str, int] = {}       # ... how many in a row (at most 3)
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.garp_timers: dict[str, asyncio.TimerHandle] = {}
         self.alive: set[str] = set()
-        self.guard = min(0.02, t.margin / 4)
         self.acquire_poll = max(0.01, t.probe_interval / 3)
+        self.retry_stale = max(0.003, t.probe_interval / 20)
+        # A graceful release waits this long for the successor's handover request (answered
+        # at once): the successor then plumbs on confirmed successor promises, without the
+        # ARP probe a plain current promise needs. The release goes out right after the
+        # answer, or at this delay when no successor asks (it only speeds the next owner up;
+        # safety never waits on it).
+        self.release_delay = max(0.01, t.probe_interval / 2)
+        self.delayed_release: dict[str, asyncio.TimerHandle] = {}
         self.counters = {"acquired": 0, "released": 0, "expired": 0, "garp": 0, "alarms": 0, "plumb_errors": 0,
                          "probe_answered": 0}
-        self.acquired_at: dict[str, float] = {}
+        self.acquired_at: dict[str, float] = {}       # wall clock of the last plumb / unplumb
+        self.released_at: dict[str, float] = {}
         self.refreshed: dict[str, float] = {}
         self._garp_cache: dict[str, tuple] = {}
         self.unplumbed: dict[str, asyncio.Event] = {}
@@ -129,9 +146,13 @@ class VipService(Service):
 
     async def handle_stop(self) -> None:
         # Leaving cleanly: unplumb and release so the next owner need not wait for expiry.
+        for handle in self.delayed_release.values():
+            handle.cancel()
+        self.delayed_release.clear()
         for key in self.specs:
             if self.fsm[key].holds:
                 self._drive(key, Event.RELEASE_ORDERED)
+            self._fence(key)
         await self._release_everywhere([k for k in self.specs if self.fsm[k].state == State.RELEASED])
         self.plumber.close()
 
@@ -183,12 +204,8 @@ class VipService(Service):
                 released.append(key)
             if key not in after:
                 self._fence(key)
-                self.epoch[key] += 1
-            elif key not in before:
-                self.confirmed[key].clear()
-                self.epoch[key] += 1
         if released or lost:
-            await self._release_everywhere(released or lost)
+            self._release_soon(released or lost)
         gained = [k for k in after - before if not self.fsm[k].holds]
         if gained:
             await self._request(gained, fast=True)
@@ -205,55 +222,94 @@ class VipService(Service):
             await asyncio.sleep(self.acquire_poll if wanted else every)
 
     async def _request(self, vips: list[str], fast: bool = False) -> None:
+        """Ask every voter for ``vips``. A renewal is not sent to a voter that still owes us
+        replies to two earlier ones; ``fast`` (newly assigned) is sent regardless."""
         for voter in self.cluster.voters:
-            key = voter
-            if key in self.in_flight:
+            if not fast and self.in_flight.get(voter, 0) >= 2:
                 continue
-            self.in_flight.add(key)
-            self.loop.create_task(self._ask(voter, list(vips)))
+            self._start_ask(voter, list(vips))
+
+    def _start_ask(self, voter: str, vips: list[str]) -> None:
+        self.in_flight[voter] = self.in_flight.get(voter, 0) + 1
+        self.loop.create_task(self._ask(voter, vips))
 
     async def _ask(self, voter: str, vips: list[str]) -> None:
         t_req = time.monotonic()
         try:
-            r = await self.call(voter, "election", "promise", timeout=min(0.5, self.timing.renew_every),
-                                holder=self.member.name, vips=vips)
+            # ``asked`` (our clock) lets the voter tell which of our releases a promise predates.
+            # Timeout = lease: a reply delayed by a starved CPU still counts until t_req + lease,
+            # and later renewals are not held up meanwhile (up to two overlap).
+            r = await self.call(voter, "election", "promise", timeout=self.timing.lease,
+                                holder=self.member.name, vips=vips, asked=t_req)
         except BusError:
             return
         finally:
-            self.in_flight.discard(voter)
+            left = self.in_flight.get(voter, 1) - 1
+            if left > 0:
+                self.in_flight[voter] = left
+            else:
+                self.in_flight.pop(voter, None)
+        now = time.monotonic()
         results = r.get("results", {}) if isinstance(r, dict) else {}
         for key, res in results.items():
             if key not in self.specs or not isinstance(res, dict) or key not in self.mine():
                 continue
-            if t_req < self.fence[key]:
-                continue          # asked before we released or confirmed a handover: void
+            after = res.get("after") if isinstance(res.get("after"), str) else None
+            self.books[key].take_reply(voter, t_req, bool(res.get("granted")), after, now)
             if res.get("granted"):
-                after = res.get("after") if isinstance(res.get("after"), str) else None
-                self.promises[key][voter] = (t_req + self.timing.lease, after)
-                if after is not None and after not in self.confirmed[key]:
-                    self._ask_handover(key, after)
-            else:
-                self.promises[key].pop(voter, None)
+                self.quick_retries.pop(voter, None)
+            elif (res.get("retry_after") is None and not self.fsm[key].holds and voter not in self.retry_soon
+                    and self.quick_retries.get(voter, 0) < 3):
+                self.quick_retries[voter] = self.quick_retries.get(voter, 0) + 1
+                # the voter has not heard the assignment we act on yet: ask again shortly
+                # rather than at the next poll (a graceful move waits on this)
+                self.retry_soon.add(voter)
+                self.loop.call_later(self.retry_stale, self._retry, voter)
+            for holder in {a for _, a, _ in self.books[key].pending.values()}:
+                if self._round_done(key, holder):
+                    self._ask_handover(key, holder)
             self._evaluate(key)
+
+    def _retry(self, voter: str) -> None:
+        self.retry_soon.discard(voter)
+        wanted = [k for k in self.mine() if not self.fsm[k].holds]
+        if wanted:
+            self._start_ask(voter, wanted)
+
+    def _round_done(self, key: str, holder: str) -> bool:
+        """Ask ``holder`` for the handover now? Once every voter has answered, or enough
+        successor promises wait to make a majority: one confirmation then covers them all
+        (it covers only promises received before it was asked for)."""
+        book = self.books[key]
+        waiting = sum(1 for _, after, _ in book.pending.values() if after == holder)
+        return not self.in_flight or waiting + len(book.counted) >= self.cluster.quorum
 
     # -- handover: a successor promise counts once the previous holder confirms ----------
     def _ask_handover(self, key: str, holder: str) -> None:
         if (key, holder) in self.handover_in_flight:
+            self.handover_again.add((key, holder))     # promises received since it was sent
             return
         self.handover_in_flight.add((key, holder))
-        self.loop.create_task(self._handover(key, holder, self.epoch[key]))
+        self.loop.create_task(self._handover(key, holder))
 
-    async def _handover(self, key: str, holder: str, epoch: int) -> None:
+    async def _handover(self, key: str, holder: str) -> None:
+        asked_at = time.monotonic()
         try:
             r = await self.call(holder, "vip", "handover", timeout=1.0, vip=key, to=self.member.name)
         except BusError:
             r = None
         finally:
             self.handover_in_flight.discard((key, holder))
-        # only for the wanting-epoch we asked in: a confirmation from an earlier move is stale
-        if isinstance(r, dict) and r.get("released") is True and self.epoch[key] == epoch and key in self.mine():
-            self.confirmed[key].add(holder)
-            self._evaluate(key)
+        again = (key, holder) in self.handover_again
+        self.handover_again.discard((key, holder))
+        if key not in self.mine():
+            return
+        if isinstance(r, dict) and r.get("released") is True:
+            # covers exactly the successor promises received before we asked
+            if self.books[key].confirm(holder, asked_at):
+                self._evaluate(key)
+            if again and self.books[key].awaiting(holder):
+                self._ask_handover(key, holder)
 
     async def rpc_handover(self, vip: str, to: str) -> dict:
         """Answer once ``vip`` is not plumbed here (at most 0.9 s): the asker's successor
@@ -274,23 +330,31 @@ class VipService(Service):
         # Not holding now, and we must not start to on promises we already have: the asker
         # will count its successor promises from here on.
         self._fence(key)
+        if key in self.delayed_release:
+            self.loop.call_soon(self._release_due, key)       # after this answer has gone out
         return {"released": True, "vip": key}
+
+    def _release_soon(self, keys: list[str]) -> None:
+        """Release ``keys`` at the voters after ``release_delay`` (or once a successor's
+        handover request has been answered, whichever comes first)."""
+        for key in keys:
+            if key not in self.delayed_release:
+                self.delayed_release[key] = self.loop.call_later(self.release_delay, self._release_due, key)
+
+    def _release_due(self, key: str) -> None:
+        handle = self.delayed_release.pop(key, None)
+        if handle is None:
+            return
+        handle.cancel()
+        self.loop.create_task(self._release_everywhere([key]))
 
     def _fence(self, key: str) -> None:
         """Forget every promise of ``key`` and void replies to requests sent before now."""
-        self.promises[key].clear()
-        self.confirmed[key].clear()
-        self.fence[key] = time.monotonic()
+        self.books[key].fence(time.monotonic())
 
     def _quorum_until(self, key: str) -> float:
         """Monotonic instant until which a majority of promises is valid (0: none now)."""
-        confirmed = self.confirmed[key]
-        exps = sorted((exp for exp, after in self.promises[key].values() if after is None or after in confirmed),
-                      reverse=True)
-        q = self.cluster.quorum
-        if len(exps) < q:
-            return 0.0
-        return exps[q - 1] - self.guard
+        return self.books[key].quorum_until()
 
     def _evaluate(self, key: str) -> None:
         now = time.monotonic()
@@ -331,7 +395,7 @@ class VipService(Service):
         holder may have died with the address still configured (every process of a node
         killed, the kernel alive): ask the wire first with an RFC 5227 ARP probe, and plumb
         only when nobody answers. Starts the probe and returns False when none is fresh."""
-        if getattr(self.plumber, "dry_run", False) or self.confirmed[key]:
+        if getattr(self.plumber, "dry_run", False) or self.books[key].confirmed_successor(now):
             return True
         if now - self.probed_clear.get(key, -1.0) < 0.1:
             return True
@@ -422,6 +486,7 @@ class VipService(Service):
                 self._drive(key, Event.UNPLUMB_FAILED)
                 return
             self.counters["released"] += 1
+            self.released_at[key] = time.time()
             self._drive(key, Event.UNPLUMB_DONE)
             ev = self.unplumbed.pop(key, None)
             if ev is not None:
@@ -493,9 +558,13 @@ class VipService(Service):
     async def _release_everywhere(self, keys: list[str]) -> None:
         if not keys:
             return
+        # ``before``: our fence per VIP; a voter drops only promises asked for before it, so a
+        # release that arrives after a later request of ours cannot void a promise we count.
+        before = {k: self.books[k].fenced_at for k in keys}
         for voter in self.cluster.voters:
             try:
-                await self.cast(voter, "election", "release", holder=self.member.name, vips=keys)
+                await self.cast(voter, "election", "release", holder=self.member.name, vips=keys,
+                                before=before)
             except BusError:
                 pass
         for key in keys:
@@ -546,4 +615,5 @@ class VipService(Service):
                 "states": {k: f.state.value for k, f in self.fsm.items()},
                 "assignment": {"term": self.assignment.get("term"), "owners": self.assignment.get("owners")},
                 "lease_left": {k: round(max(0.0, self._quorum_until(k) - now), 3) for k in self.specs},
-                "counters": self.counters, "dry_run": bool(getattr(self.plumber, "dry_run", False))}
+                "counters": self.counters, "dry_run": bool(getattr(self.plumber, "dry_run", False)),
+                "acquired_at": self.acquired_at, "released_at": self.released_at}

@@ -1,11 +1,14 @@
-"""The lease-promise protocol of services/election.py, driven by hypothesis.
+"""The lease-promise protocol of services/election.py and services/vip.py, driven by hypothesis.
 
-The voters are the real ElectionService objects (their promise/release/vote handlers,
-no bus); the nodes are modelled after services/vip.py's holding rule: a node holds a VIP
-while a majority of voters' promises are unexpired on its own clock, counting a
-*successor* promise only after the previous holder confirmed it no longer holds the
-address. Messages are lost, reordered in time, assignments change at random, clocks
-advance in random steps: at no step may two nodes hold the VIP.
+The voters are the real ElectionService objects (their promise/release/vote handlers, no
+bus); each node keeps its promises in the real node.vipcore.LeaseBook, as services/vip.py
+does: it holds a VIP while a majority of counted promises are unexpired on its own clock,
+a *successor* promise counting only once the previous holder answered a handover request
+sent after that promise arrived. Messages are lost, held up (orphans), releases arrive
+late (also after later requests), handover requests and answers are separate steps,
+assignments change at random, clocks advance in random steps: at no step may two nodes
+hold the VIP. The earlier rules (one confirmation per wanting-epoch; releases without their
+fence) are replayed on the model's counterexamples and must give two holders.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import services.election as election_mod
 from ecluster.clusterfile import parse_cluster
+from node.vipcore import LeaseBook
 
 VIP = "10.99.0.100"
 
@@ -68,20 +72,52 @@ interface = "eth0"
 """
 
 
-class Node:
-    """The holding rule of services/vip.py, without sockets."""
+class EpochConfirmBook(LeaseBook):
+    """services/vip.py before session 2 (``-DEPOCH_CONFIRM`` in docs/model/election.pml): one
+    confirmation by H makes every successor promise after H count for the rest of the
+    wanting-epoch, also promises received after the confirmation. Must be caught."""
 
-    def __init__(self, name, lease, quorum):
-        self.name, self.lease, self.quorum = name, lease, quorum
-        self.promises: dict[str, tuple[float, str | None]] = {}
+    def __init__(self, quorum, lease, guard=0.0):
+        super().__init__(quorum, lease, guard)
         self.confirmed: set[str] = set()
+
+    def take_reply(self, voter, t_req, granted, after, now):
+        holder = super().take_reply(voter, t_req, granted, after, now)
+        if holder in self.confirmed:
+            self.confirm(holder, now)
+        return holder
+
+    def confirm(self, holder, asked_at):
+        self.confirmed.add(holder)
+        return super().confirm(holder, float("inf"))
+
+    def fence(self, now):
+        super().fence(now)
+        self.confirmed.clear()
+
+    def new_epoch(self):
+        self.confirmed.clear()
+
+
+class Node:
+    """A node as services/vip.py runs it, without sockets: its promises are kept by the real
+    node.vipcore.LeaseBook; it holds while they make a majority, and on a lapse or when its
+    assignment moves on it unplumbs, fences and owes the voters a release carrying the fence."""
+
+    def __init__(self, name, lease, quorum, book=LeaseBook):
+        self.name, self.lease, self.quorum = name, lease, quorum
+        self.book = book(quorum, lease)
         self.holding = False
         self.wants = False
+        self.handover_asked: dict[str, float] = {}     # holder -> when our request was sent
+        self.releases: list[float] = []                # fences of releases not yet delivered
 
     def valid_until(self) -> float:
-        exps = sorted((e for e, after in self.promises.values() if after is None or after in self.confirmed),
-                      reverse=True)
-        return exps[self.quorum - 1] if len(exps) >= self.quorum else 0.0
+        return self.book.quorum_until()
+
+    def fence_and_release(self, now: float) -> None:
+        self.book.fence(now)
+        self.releases.append(now)
 
 
 @pytest.fixture
@@ -100,13 +136,16 @@ def world(tmp_path, monkeypatch):
 
 # most messages arrive: all voters half the time, a random subset otherwise
 reach = st.one_of(st.just(frozenset({"n1", "n2", "n3", "m1"})), st.sets(st.sampled_from(["n1", "n2", "n3", "m1"])))
+nodes_ = st.sampled_from(["n1", "n2", "n3"])
 step = st.one_of(
     st.tuples(st.just("tick"), st.floats(0.001, 0.5)),
-    st.tuples(st.just("assign"), st.sampled_from(["n1", "n2", "n3"]), reach),
-    st.tuples(st.just("ask"), st.sampled_from(["n1", "n2", "n3"]), reach),
-    st.tuples(st.just("handover"), st.sampled_from(["n1", "n2", "n3"]), st.sampled_from(["n1", "n2", "n3"])),
-    st.tuples(st.just("learn"), st.sampled_from(["n1", "n2", "n3"])),
-    st.tuples(st.just("release"), st.sampled_from(["n1", "n2", "n3"]), reach),
+    st.tuples(st.just("assign"), nodes_, reach),
+    st.tuples(st.just("ask"), nodes_, reach),
+    st.tuples(st.just("orphan"), nodes_, reach),
+    st.tuples(st.just("handover_send"), nodes_, nodes_),
+    st.tuples(st.just("handover_answer"), nodes_, nodes_),
+    st.tuples(st.just("learn"), nodes_),
+    st.tuples(st.just("release"), nodes_, reach),
 )
 
 
@@ -118,6 +157,28 @@ def test_never_two_holders(world, steps):
 
 ALL = {"n1", "n2", "n3", "m1"}
 
+# docs/model/README.md, "one confirmation covers successor promises granted after it": n1's
+# request to n1 and n2 is held up (n1 will not count it), n2 gets a successor promise from
+# n1, asks n1 for the handover and gets it; n1, still assigned at the other voters, renews
+# and holds with n2, n3, m1; then n2 and n3 name n2 and give it successor promises "after n1".
+EPOCH_COUNTEREXAMPLE = [
+    ("assign", "n1", ALL), ("learn", "n1"), ("orphan", "n1", {"n1", "n2"}),
+    ("assign", "n2", {"n1"}), ("learn", "n2"), ("ask", "n2", {"n1"}),
+    ("handover_send", "n2", "n1"), ("handover_answer", "n2", "n1"), ("tick", 0.001),
+    ("ask", "n1", {"n2", "n3", "m1"}),
+    ("assign", "n2", {"n2", "n3"}), ("ask", "n2", {"n2", "n3"}),
+]
+
+
+# n1 loses its majority (two voters now name n2), unplumbs and releases; its assignment comes
+# back and it renews everywhere before the release arrives. The release carries n1's fence, so
+# it leaves the renewed promises alone (without it, n2 would get them while n1 counts them).
+RELEASE_OVERTAKEN = [
+    ("assign", "n1", ALL), ("learn", "n1"), ("ask", "n1", ALL), ("assign", "n2", {"n1", "n2"}), ("ask", "n1", ALL),
+    ("tick", 0.01), ("assign", "n1", ALL), ("ask", "n1", ALL), ("assign", "n2", ALL), ("release", "n1", ALL),
+    ("learn", "n2"), ("ask", "n2", ALL),
+]
+
 
 @pytest.mark.parametrize("steps", [
     # a graceful move while the old owner has not yet heard of it
@@ -125,31 +186,74 @@ ALL = {"n1", "n2", "n3", "m1"}
      ("ask", "n2", ALL), ("tick", 0.01), ("ask", "n2", ALL)],
     # the old owner confirms the handover, then the assignment comes back to it
     [("assign", "n1", ALL), ("learn", "n1"), ("ask", "n1", ALL), ("assign", "n2", ALL), ("learn", "n2"),
-     ("ask", "n2", ALL), ("learn", "n1"), ("handover", "n2", "n1"), ("assign", "n1", ALL), ("learn", "n1"),
-     ("ask", "n1", ALL), ("tick", 0.01), ("ask", "n1", ALL)],
+     ("ask", "n2", ALL), ("learn", "n1"), ("handover_send", "n2", "n1"), ("handover_answer", "n2", "n1"),
+     ("assign", "n1", ALL), ("learn", "n1"), ("ask", "n1", ALL), ("tick", 0.01), ("ask", "n1", ALL)],
     # as above, with the old owner's release lost everywhere and its renewals arriving late
     [("assign", "n1", ALL), ("learn", "n1"), ("ask", "n1", ALL), ("assign", "n2", ALL), ("learn", "n2"),
-     ("ask", "n2", ALL), ("learn", "n1"), ("handover", "n2", "n1"), ("ask", "n2", ALL),
-     ("assign", "n1", ALL), ("learn", "n1"), ("ask", "n1", ALL), ("tick", 0.01), ("ask", "n1", ALL)],
+     ("ask", "n2", ALL), ("learn", "n1"), ("handover_send", "n2", "n1"), ("handover_answer", "n2", "n1"),
+     ("ask", "n2", ALL), ("assign", "n1", ALL), ("learn", "n1"), ("ask", "n1", ALL), ("tick", 0.01),
+     ("ask", "n1", ALL)],
     # a lapsed owner: its promises run out, the next one takes over without a handover
     [("assign", "n1", ALL), ("learn", "n1"), ("ask", "n1", ALL), ("assign", "n2", ALL), ("learn", "n2"),
      ("ask", "n2", ALL), ("tick", 0.5), ("ask", "n2", ALL), ("tick", 0.3), ("ask", "n2", ALL), ("ask", "n1", ALL)],
     # ... asked just before the old owner's own clock says its lease is over
     *[[("assign", "n1", ALL), ("learn", "n1"), ("ask", "n1", ALL), ("assign", "n2", ALL), ("learn", "n2"),
        ("tick", dt), ("ask", "n2", ALL)] for dt in (0.6, 0.65, 0.69, 0.699, 0.7)],
+    RELEASE_OVERTAKEN,
+    EPOCH_COUNTEREXAMPLE,
 ])
 def test_known_hard_cases(world, steps):
     run_steps(world, steps)
 
 
-def run_steps(world, steps):
+def test_the_old_epoch_rule_is_caught(world):
+    """The rule services/vip.py had before (one confirmation per wanting-epoch) gives two
+    holders on the model's counterexample; the LeaseBook rule does not (test above)."""
+    with pytest.raises(AssertionError, match="two holders"):
+        run_steps(world, EPOCH_COUNTEREXAMPLE, book=EpochConfirmBook)
+
+
+# The same steps narrowed to two nodes, a few voter sets and short ticks: denser in moves and
+# handovers than the search above.
+two = st.sampled_from(["n1", "n2"])
+few = st.sampled_from([frozenset(ALL), frozenset({"n1"}), frozenset({"n1", "n2"}), frozenset({"n2", "n3"}),
+                       frozenset({"n2", "n3", "m1"}), frozenset({"n3", "m1"})])
+narrow_step = st.one_of(
+    st.tuples(st.just("tick"), st.sampled_from([0.001, 0.01])),
+    st.tuples(st.just("assign"), two, few),
+    st.tuples(st.just("ask"), two, few),
+    st.tuples(st.just("orphan"), two, few),
+    st.tuples(st.just("handover_send"), two, two),
+    st.tuples(st.just("handover_answer"), two, two),
+    st.tuples(st.just("learn"), two),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(narrow_step, min_size=8, max_size=30))
+def test_never_two_holders_narrow(world, steps):
+    run_steps(world, steps)
+
+
+def test_a_release_without_its_fence_is_caught(world, monkeypatch):
+    """A release that drops the holder's promises whenever it arrives (no ``before``, the code
+    before session 2) voids promises the holder counts when a later request overtook it."""
+    fake, cluster, voters, nodes = world
+    for v in voters.values():
+        plain = v.rpc_release
+        monkeypatch.setattr(v, "rpc_release", lambda holder, vips, before=None, plain=plain: plain(holder, vips))
+    with pytest.raises(AssertionError, match="two holders"):
+        run_steps(world, RELEASE_OVERTAKEN)
+
+
+def run_steps(world, steps, book=LeaseBook):
     fake, cluster, voters, nodes = world
     for v in voters.values():
         v.promises.clear()
         v.successors.clear()
         v.assignment = {"term": 1, "leader": "m1", "seq": 0, "owners": {VIP: None}}
     for n in nodes.values():
-        n.__init__(n.name, n.lease, n.quorum)
+        n.__init__(n.name, n.lease, n.quorum, book)
     seq = 0
     latest = None
 
@@ -157,12 +261,20 @@ def run_steps(world, steps):
         # every node acts on its own clock: unplumb at expiry, stop when not assigned
         for n in nodes.values():
             if n.holding and (not n.wants or n.valid_until() <= fake.now):
-                n.holding = False               # releases travel separately ("release" steps)
+                n.holding = False
+                n.fence_and_release(fake.now)      # the releases travel separately ("release" steps)
         for n in nodes.values():
             if n.wants and not n.holding and n.valid_until() > fake.now:
                 n.holding = True
         holders = [n.name for n in nodes.values() if n.holding]
         assert len(holders) <= 1, f"two holders at t={fake.now}: {holders}"
+
+    def ask(n, reached, counted):
+        t_req = fake.now
+        for name in reached:                           # requests to voters not listed are lost
+            r = voters[name].rpc_promise(n.name, [VIP], asked=t_req)["results"][VIP]
+            if counted:
+                n.book.take_reply(name, t_req, bool(r["granted"]), r.get("after"), fake.now)
 
     for s in steps:
         if s[0] == "tick":
@@ -177,29 +289,35 @@ def run_steps(world, steps):
             n = nodes[s[1]]
             wanted = n.name == latest
             if wanted != n.wants:
-                n.promises.clear()
-                n.confirmed.clear()
+                if not wanted:
+                    n.holding = False
+                    n.fence_and_release(fake.now)
+                elif hasattr(n.book, "new_epoch"):
+                    n.book.new_epoch()
             n.wants = wanted
         elif s[0] == "ask":
             n = nodes[s[1]]
-            if not n.wants:
-                continue
-            t_req = fake.now
-            for name in s[2]:                          # requests to voters not listed are lost
-                r = voters[name].rpc_promise(n.name, [VIP])["results"][VIP]
-                if r["granted"]:
-                    n.promises[name] = (t_req + n.lease, r.get("after"))
-                else:
-                    n.promises.pop(name, None)
-        elif s[0] == "release":                      # a node that does not hold tells (some) voters
+            if n.wants:
+                ask(n, s[2], counted=True)
+        elif s[0] == "orphan":                         # a request whose reply the node never counts
+            ask(nodes[s[1]], s[2], counted=False)
+        elif s[0] == "release":                        # the oldest release still on its way arrives
             n = nodes[s[1]]
-            if not n.holding and not n.wants:
-                for name in s[2]:
-                    voters[name].rpc_release(n.name, [VIP])
-        elif s[0] == "handover":
+            if n.releases:
+                fence = n.releases.pop(0)
+                for name in s[2]:                      # ... at some voters; lost at the others
+                    voters[name].rpc_release(n.name, [VIP], before={VIP: fence})
+        elif s[0] == "handover_send":
             asker, holder = nodes[s[1]], nodes[s[2]]
-            if asker is not holder and asker.wants and not holder.holding:
-                asker.confirmed.add(holder.name)
+            if asker is not holder and asker.wants:
+                asker.handover_asked[holder.name] = fake.now
+        elif s[0] == "handover_answer":                # the holder answers once it does not hold
+            asker, holder = nodes[s[1]], nodes[s[2]]
+            if holder.name in asker.handover_asked and not holder.holding:
+                asked_at = asker.handover_asked.pop(holder.name)
+                holder.book.fence(fake.now)
+                if asker.wants:
+                    asker.book.confirm(holder.name, asked_at)
         settle()
 
 
@@ -221,3 +339,41 @@ def test_promise_rejects_garbage(world):
         voters["n1"].rpc_promise("stranger", [VIP])
     with pytest.raises(ServiceError):
         voters["n1"].rpc_promise("n1", "not a list")
+
+
+def test_prevote_changes_nothing_and_follows_the_vote_rules(world):
+    fake, cluster, voters, nodes = world
+    v = voters["n1"]
+    v.data_dir.mkdir(parents=True, exist_ok=True)
+    (v.data_dir / election_mod.CONFIG_HEIGHT_FILE).write_text("2")
+    v.term, v.voted_for = 3, None
+    assert v.rpc_prevote(term=4, candidate="n2", config_height=2)["granted"]
+    assert (v.term, v.voted_for) == (3, None)                     # no term bumped, no vote cast
+    assert not v.rpc_prevote(term=4, candidate="n2", config_height=1)["granted"]   # behind on config
+    assert not v.rpc_prevote(term=2, candidate="n2", config_height=2)["granted"]   # stale term
+    assert v.rpc_vote(term=4, candidate="n3", config_height=2)["granted"]
+    assert not v.rpc_prevote(term=4, candidate="n2", config_height=2)["granted"]   # voted for n3 in 4
+    assert v.rpc_prevote(term=5, candidate="n2", config_height=2)["granted"]
+    # while a coordinator is heard, nobody gets a pre-vote either (stickiness)
+    v.leader, v.leader_heard = "m1", fake.now
+    r = v.rpc_prevote(term=5, candidate="n2", config_height=2)
+    assert not r["granted"] and "m1" in r["reason"]
+    from services.base import ServiceError
+    with pytest.raises(ServiceError):
+        v.rpc_prevote(term="x", candidate="n2")
+
+
+def test_release_keeps_a_promise_asked_after_its_fence(world):
+    fake, cluster, voters, nodes = world
+    v = voters["n1"]
+    v.assignment = {"term": 1, "leader": "m1", "seq": 1, "owners": {VIP: "n1"}}
+    assert v.rpc_promise("n1", [VIP], asked=5.0)["results"][VIP]["granted"]
+    assert v.rpc_release("n1", [VIP], before={VIP: 4.0})["released"] == []      # asked after the fence
+    assert v.rpc_promise("n1", [VIP], asked=3.0)["results"][VIP]["granted"]     # overtaken: keeps 5.0
+    assert v.rpc_release("n1", [VIP], before={VIP: 4.5})["released"] == []
+    assert v.rpc_release("n1", [VIP], before={VIP: 5.0})["released"] == [VIP]
+    assert v.rpc_promise("n1", [VIP], asked=6.0)["results"][VIP]["granted"]
+    assert v.rpc_release("n1", [VIP])["released"] == [VIP]                       # no fence: drops
+    from services.base import ServiceError
+    with pytest.raises(ServiceError):
+        v.rpc_promise("n1", [VIP], asked="soon")

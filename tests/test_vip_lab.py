@@ -137,15 +137,34 @@ def test_partitioned_owner_unplumbs_before_takeover_and_heal_is_clean(lc, window
     assert gap.length < 0.5       # target 50 ms (bench/failover); margin for a loaded CI box
 
 
+def candidacies(lc) -> tuple[int, int]:
+    """(candidacies, pre-votes) summed over every live member's election service."""
+    c = p = 0
+    for name in lc.live():
+        counters = lc.election_status(name).get("counters", {})
+        c += counters.get("candidacies", 0)
+        p += counters.get("prevotes", 0)
+    return c, p
+
+
 def test_full_isolation_nobody_keeps_the_vip_then_recovers(lc, window):
+    term0 = lc.leader_status()["term"]
+    cands0, prevotes0 = candidacies(lc)
     lc.lab.isolate_all()
     t0 = time.time()
     wait_for(lambda: not any(VIP in lc.lab.addresses(i) for i in (1, 2, 3)), 5, what="every node unplumbed")
     print(f"\nno majority anywhere: VIP unplumbed everywhere after {time.time() - t0:.2f} s")
     t_heal = time.time()
     lc.lab.heal()
+    wait_for(lambda: any(VIP in lc.lab.addresses(i) for i in (1, 2, 3)), 10, interval=0.005,
+             what="the VIP plumbed again after the heal")
+    plumbed = time.time() - t_heal
     lc.wait_settled(15)
-    print(f"owned again {time.time() - t_heal:.2f} s after the heal")
+    settled = time.time() - t_heal
+    term1 = lc.leader_status()["term"]
+    cands, prevotes = candidacies(lc)
+    print(f"plumbed again {plumbed:.2f} s, settled {settled:.2f} s after the heal; terms {term0} -> {term1}; "
+          f"{cands - cands0} candidacies, {prevotes - prevotes0} pre-votes (isolation + heal)")
     wait_for(lambda: lc.ask_vip() is not None, 2, what="client reaches the VIP after the heal")
 
 
@@ -168,7 +187,10 @@ def test_move_and_drain_with_cli(lc, window):
     res = lc.probe_result(probe)
     move_gap = res.longest_gap(t_move, t_moved).length
     drain_gap = res.longest_gap(t_moved, t_drained).length
-    print(f"\nvip move gap {move_gap * 1000:.0f} ms, drain gap {drain_gap * 1000:.0f} ms")
+    unplumbed = lc.call("n1", "vip", "status")["released_at"][VIP]
+    plumbed = lc.call("n3", "vip", "status")["acquired_at"][VIP]
+    print(f"\nvip move gap {move_gap * 1000:.0f} ms, drain gap {drain_gap * 1000:.0f} ms "
+          f"(move: n1 unplumbed -> n3 plumbed {(plumbed - unplumbed) * 1000:.1f} ms, node clocks)")
     assert move_gap < 0.5 and drain_gap < 0.5
 
     bad = cli(lc, "vip", "move", VIP, "n9")

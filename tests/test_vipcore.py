@@ -485,3 +485,75 @@ def test_handover_outlasts_any_holder_lease(duration, ppm, margin, start):
 def test_lease_helpers_reject_bad_input(call):
     with pytest.raises(VipError):
         call()
+
+
+# --------------------------------------------------------------------------- LeaseBook (one node's promises)
+
+from node.vipcore import LeaseBook  # noqa: E402
+
+
+def test_book_counts_current_promises_from_before_the_request():
+    b = LeaseBook(quorum=2, lease=0.7)
+    assert b.take_reply("v1", 10.0, True, None, 10.01) is None
+    assert b.quorum_until() == 0.0                        # one promise is no majority
+    b.take_reply("v2", 10.1, True, None, 10.12)
+    assert b.quorum_until() == pytest.approx(10.7)        # the older of the two, from t_req
+    b.take_reply("v1", 10.2, False, None, 10.21)          # a refusal drops the voter's promise
+    assert b.quorum_until() == 0.0
+
+
+def test_book_successor_counts_only_with_a_confirmation_asked_after_it_arrived():
+    b = LeaseBook(quorum=2, lease=0.7)
+    assert b.take_reply("v1", 10.0, True, "h", 10.01) == "h"
+    assert b.take_reply("v2", 10.0, True, "h", 10.02) == "h"
+    assert b.quorum_until() == 0.0 and b.awaiting("h")
+    assert b.confirm("h", asked_at=10.015) == 1            # covers v1 only: v2 came after the request
+    assert b.awaiting("h") and b.quorum_until() == 0.0
+    assert b.confirm("other", asked_at=11.0) == 0
+    assert b.confirm("h", asked_at=10.03) == 1
+    assert b.quorum_until() == pytest.approx(10.7) and not b.awaiting("h")
+    assert b.confirmed_successor(10.5) and not b.confirmed_successor(10.8)
+
+
+def test_book_successor_renewal_needs_a_new_confirmation_and_the_old_entry_keeps_counting():
+    b = LeaseBook(quorum=2, lease=0.7)
+    for v in ("v1", "v2"):
+        b.take_reply(v, 10.0, True, "h", 10.01)
+    b.confirm("h", asked_at=10.02)
+    b.take_reply("v1", 10.3, True, "h", 10.31)            # renewal: pending again
+    assert b.awaiting("h") and b.quorum_until() == pytest.approx(10.7)
+    b.confirm("h", asked_at=10.32)
+    assert b.quorum_until() == pytest.approx(10.7)        # v2 still the older one
+    b.take_reply("v2", 10.3, True, None, 10.31)           # a current promise replaces it
+    assert b.quorum_until() == pytest.approx(11.0)
+    assert b.counted["v2"] == (pytest.approx(11.0), None) and b.confirmed_successor(10.9)   # v1's
+
+
+def test_book_fence_forgets_and_voids_earlier_requests():
+    b = LeaseBook(quorum=2, lease=0.7, guard=0.02)
+    for v in ("v1", "v2"):
+        b.take_reply(v, 10.0, True, None, 10.01)
+    assert b.quorum_until() == pytest.approx(10.68)
+    b.fence(10.05)
+    assert b.quorum_until() == 0.0
+    assert b.take_reply("v3", 10.05, True, None, 10.06) is None   # asked at the fence: void
+    assert b.take_reply("v3", 10.04, True, "h", 10.06) is None
+    assert not b.counted and not b.pending
+    b.take_reply("v1", 10.06, True, None, 10.07)
+    b.take_reply("v2", 10.06, True, None, 10.07)
+    assert b.quorum_until() == pytest.approx(10.74)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["v1", "v2", "v3"]), st.floats(0, 5), st.booleans(),
+                          st.sampled_from([None, "h", "k"]), st.floats(0, 0.5)), max_size=20),
+       st.floats(0, 6))
+def test_book_never_counts_an_unconfirmed_successor_or_a_voided_reply(replies, fence_at):
+    b = LeaseBook(quorum=2, lease=0.7)
+    for voter, t_req, granted, after, delay in sorted(replies, key=lambda r: r[1] + r[4]):
+        if t_req + delay >= fence_at > -1:
+            b.fence(fence_at)
+            fence_at = -2.0
+        b.take_reply(voter, t_req, granted, after, t_req + delay)
+    assert all(after is None for _, after in b.counted.values())    # nothing confirmed
+    assert all(e - 0.7 > b.fenced_at - 1e-9 for e, _ in b.counted.values())   # asked after the fence (float sums)

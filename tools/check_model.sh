@@ -86,6 +86,7 @@ else
   run code-before-fix-lapse-fence fail "-m20000000 -w26" -DNO_FENCE_LAPSE
   run code-before-fix-handover-fence fail "-m20000000 -w26" -DNO_FENCE_HANDOVER
   run code-before-fix-epoch-confirm fail "-m20000000 -w26" -DEPOCH_CONFIRM
+  run code-before-fix-release-overtakes fail "-m20000000 -w26" -DRELEASE_OVERTAKES
   run commits-height-rule-alone fail "-E -m100000 -w22" -DCOMMITS -DNO_VIEW_CHANGE -DVOTE_RULE=1
   run commits-no-rule-no-view-change fail "-E -m100000 -w22" -DCOMMITS -DNO_VIEW_CHANGE -DVOTE_RULE=0
 fi

@@ -30,6 +30,8 @@
  *   _probe_clear (RFC 5227 ARP probe)         in NODE_PLUMB: answered by a crashed node's
  *                                             address only (no credit against live holders)
  *   _take_assignment                          NODE_VIEW
+ *   node.vipcore.LeaseBook (the node's book)  cnt/csucc (counted), pend (successor promises
+ *                                             awaiting a confirmation), forget_promises (fence)
  *   handle_init of vip (removes the address)  NODE_RESTART
  *
  * Abstractions (each one allows more than the code does, so a pass carries over):
@@ -39,8 +41,14 @@
  *     or proceeds as if its assignment named either node, at every request.
  *   - Messages: any request may be answered, refused or lost, its reply lost or late; a
  *     voter may also answer a request the node will never count (an earlier one, held up:
- *     ORPHAN_REQ, at any time). Releases are lost or delivered late (not overtaking a
- *     later request on the same connection). Partitions are losses.
+ *     ORPHAN_REQ, at any time). Releases are lost or delivered late, not overtaking a
+ *     later request of the same node to the same voter. The code does not need that order:
+ *     a release carries the node's fence (`before`) and a voter drops only a promise last
+ *     asked for before it; a release overtaken by a later request that was granted then
+ *     drops nothing (as if lost first), one overtaken by a refused request drops what it
+ *     would have dropped first (the refusal changed nothing: a fenced node counts nothing
+ *     from that voter). -DRELEASE_OVERTAKES shows the order matters without `before`.
+ *     Partitions are losses.
  *   - Crashes: any number, of voters (restart at once, forgetting every promise, granting
  *     nothing for PV ticks) and of nodes' vip services (the address stays on the
  *     interface until the service starts again or the kernel's valid_lft drops it).
@@ -54,8 +62,12 @@
  *                     lapsed (-DNO_FENCE_LAPSE) and promises older than a handover it
  *                     confirmed (-DNO_FENCE_HANDOVER)
  *   -DEPOCH_CONFIRM   one handover confirmation per wanting-epoch makes every successor
- *                     promise of that epoch count, also those granted after it
- *   -DASIS            both
+ *                     promise of that epoch count, also those granted after it (the code
+ *                     until session 2: `confirmed[key]`, cleared at every fence)
+ *   -DRELEASE_OVERTAKES  a release may arrive after later requests of the same node and drops
+ *                     the node's promise whatever it is (the code until session 2: no
+ *                     `before` in releases, sent from a task that later requests could precede)
+ *   -DASIS            NO_FENCE and EPOCH_CONFIRM
  *   -DMUTANT_RENEW    a holder may renew while a successor exists
  *   -DMUTANT_NOHANDOVER  successor promises count without the holder's confirmation
  *   -DMUTANT_SHORT    voters promise for PV = L (no margin)
@@ -137,7 +149,8 @@ inline forget_promises(n) {
   for (k : 0 .. NV - 1) {
     cnt[I(n, k)] = 0; csucc[I(n, k)] = 0; pend[I(n, k)] = 0
   }
-  k = 0
+  k = 0;
+  conf[n] = 0               /* EPOCH_CONFIRM: _fence cleared confirmed[key] */
 }
 
 /* _release_everywhere: a release cast to every voter */
@@ -213,9 +226,14 @@ inline promote(v) {
 /* ---- a promise request from node n to voter v, its answer and its reply, one step.
    The reply comes back within the tick (counts L), or later (counts nothing, but a
    refusal or a successor reply still replaces the entry, as in _ask), or never. A release
-   sent earlier on the same connection is delivered (or lost) first. ---- */
+   n sent earlier to v is delivered (or lost) first (see the abstractions above). ---- */
+#ifdef RELEASE_OVERTAKES
+#define REL_FIRST(n, v) 1
+#else
+#define REL_FIRST(n, v) !rel[I(n, v)]
+#endif
 #define NODE_REQ(n, v) \
-  :: atomic { MINE(n) && !rel[I(n, v)] -> \
+  :: atomic { MINE(n) && REL_FIRST(n, v) -> \
        printf("%c asks V%d for a promise\n", 'A' + n, v); \
        PROMISE(n, v); \
        if \
