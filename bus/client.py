@@ -119,6 +119,23 @@ _FAIR_BATCH = 64
 _BURST = 8
 
 
+#: how late past its deadline a request from this member is still served (scheduling slack)
+STALE_SLACK_S = 0.5
+
+
+def is_stale(env: ch.Envelope, me: str, now: float) -> bool:
+    """Whether a request's caller has surely given up, so it must not be acted on. Pure.
+
+    The deadline is wall-clock time on the *caller's* clock. Only a request from this
+    member is judged by it: members' wall clocks may differ by any amount (an NTP step,
+    a wrong clock), and judging a peer's deadline by ours made a member whose clock is
+    a second behind unable to get its lease promises, and one ahead answer nothing. A
+    peer's late request is served; its caller drops the reply by id (harmless: the
+    protocols never depend on a request being dropped).
+    """
+    return env.deadline is not None and env.src == me and now > env.deadline + STALE_SLACK_S
+
+
 class AsyncClient:
     """A service's or a local tool's connection to its member's broker."""
 
@@ -262,7 +279,7 @@ class AsyncClient:
     def _serve(self, env: ch.Envelope) -> None:
         """Answer a request: at once when the handler returns a value, from a task when it
         returns an awaitable (no task, no extra loop pass for a plain method)."""
-        if env.deadline is not None and time.time() > env.deadline + 0.5:
+        if is_stale(env, self.member.name, time.time()):
             self.late += 1       # the caller gave up already: do not act on a stale request
             return
         try:

@@ -16,7 +16,8 @@ Wire form: a msgpack map with short keys (version 1)::
     b   any     body: args map (req/cast), result (rep), event body (pub)
     n   bool    pub only: b is a list of bodies (a batch)
     e   map     rep only, on failure: {"code": str, "message": str}
-    dl  float   req only: wall-clock deadline; a late request is dropped, not run
+    dl  float   req only: wall-clock deadline on the caller's clock; a late request
+                from the same member is dropped, not run (bus.client.is_stale)
 """
 from __future__ import annotations
 

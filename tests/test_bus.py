@@ -23,7 +23,7 @@ from bus import envelope as ch
 from bus import keys as keymod
 from bus import transport
 from bus.broker import event_header, restamp, route
-from bus.client import AsyncClient, BusError, CallTimeout, RemoteError, SyncClient
+from bus.client import STALE_SLACK_S, AsyncClient, BusError, CallTimeout, RemoteError, SyncClient, is_stale
 from conftest import Procs, bus_ping, bus_status, make_cluster_file, short_dir, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -111,6 +111,64 @@ def test_call_crosses_members_through_both_brokers(bus3):
             assert rep == {"args": big, "method": "big", "from": "n3", "at": "n2"}
         finally:
             for c in [svc, *callers.values()]:
+                c.close()
+            ctx.destroy(linger=0)
+
+    run(scenario())
+
+
+def test_is_stale_judges_only_this_members_own_deadlines():
+    env = ch.request("n2", "svc", "m", {}, deadline=100.0)
+    env.src = "n2"
+    assert not is_stale(env, "n2", 100.0 + STALE_SLACK_S)          # within the slack
+    assert is_stale(env, "n2", 100.1 + STALE_SLACK_S)
+    env.src = "n1"                                                   # a peer's clock is not ours
+    assert not is_stale(env, "n2", 1e9)
+    env.deadline = None
+    env.src = "n2"
+    assert not is_stale(env, "n2", 1e9)
+
+
+def test_a_peer_with_a_skewed_wall_clock_still_gets_answers(bus3, monkeypatch):
+    """A caller whose wall clock is 30 s behind sends deadlines that are already past by the
+    callee's clock: the callee on another member must still answer (chaos run: a member
+    1.2 s behind lost every lease promise); the same stale deadline from the callee's own
+    member is dropped, since there the clocks are one."""
+    cluster, _ = bus3
+    real_request = ch.request
+
+    def skewed_request(dm, ds, method, args, deadline, kind="req"):
+        return real_request(dm, ds, method, args, None if deadline is None else deadline - 30.0, kind)
+
+    async def scenario():
+        ctx = zmq.asyncio.Context()
+        svc = AsyncClient(cluster, "n2", "svc:skew", ctx=ctx, subscribe=False)
+        svc.on_request = lambda env: {"at": "n2", "from": env.src}
+        svc.start()
+        remote = AsyncClient(cluster, "n1", "t:skew:n1", ctx=ctx, subscribe=False)
+        local = AsyncClient(cluster, "n2", "t:skew:n2", ctx=ctx, subscribe=False)
+        remote.start()
+        local.start()
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    await remote.call("n2", "skew", "x", timeout=1.0)
+                    break
+                except RemoteError as e:
+                    assert e.code == "no_service"
+                    assert time.monotonic() < deadline, "service never became reachable"
+                    await asyncio.sleep(0.05)
+            monkeypatch.setattr(ch, "request", skewed_request)
+            for _ in range(3):
+                assert await remote.call("n2", "skew", "x", timeout=2.0) == {"at": "n2", "from": "n1"}
+            late_before = svc.late
+            with pytest.raises(CallTimeout):
+                await local.call("n2", "skew", "x", timeout=0.5)
+            assert svc.late == late_before + 1
+        finally:
+            monkeypatch.setattr(ch, "request", real_request)
+            for c in (svc, remote, local):
                 c.close()
             ctx.destroy(linger=0)
 
