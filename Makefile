@@ -12,7 +12,7 @@ SYS_TOOLS  := ip:iproute2 chromium:chromium spin:spin gcc:gcc
 BENCH_TOOLS := ip:iproute2 keepalived:keepalived arping:arping
 
 PHONY_EXTRA := benchdeps _install
-.PHONY: all setup sysdeps $(PHONY_EXTRA) test demo cli-docs bench soak clean distclean
+.PHONY: all setup sysdeps $(PHONY_EXTRA) test demo cli-docs bench soak chaos clean distclean
 
 all: test
 
@@ -65,6 +65,14 @@ bench: setup benchdeps
 # 10 minutes per preset with both cores busy: false failovers and memory growth
 soak: setup
 	$(PY) bench/soak.py --minutes 10 --preset lan --preset fast
+
+# Jepsen-style chaos run (root): kills, partitions, netem, a full journal disk, clock steps, under
+# load; a random seed, printed first (replay: python -m tests.chaos.runner --seed N --duration S).
+# Then the exhaustive Spin check of the protocol model. e.g. make chaos CHAOS_ARGS="--seed 7 --duration 600"
+CHAOS_ARGS ?= --duration 300
+chaos: setup
+	$(PY) -m tests.chaos.runner $(CHAOS_ARGS)
+	bash tools/check_model.sh
 
 clean:
 	rm -rf .pytest_cache .hypothesis build artifacts demo *.egg-info
