@@ -39,6 +39,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from bus import envelope as ch
+from bus.broker import raise_priority
 from bus.client import AsyncClient, CallTimeout, RemoteError
 from ecluster.clusterfile import Cluster
 
@@ -215,10 +216,7 @@ class Service:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         if self.critical:
-            try:
-                os.setpriority(os.PRIO_PROCESS, 0, -10)
-            except OSError:
-                pass        # not root: run at the default priority
+            raise_priority()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(sig, stop.set)

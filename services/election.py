@@ -34,13 +34,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
 from typing import Any
 
 from bus.client import BusError
+from node.fsutil import atomic_write
 from node.vipcore import VipSpec, assign_vips, vip_key
 from services.base import Service, ServiceError
 
@@ -113,12 +113,9 @@ class ElectionService(Service):
             pass
 
     def _write(self, path: Path, data: dict) -> None:
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # the vote must survive a crash (two votes in one term elect two coordinators):
+        # atomic_write fsyncs the file and, after the rename, its directory
+        atomic_write(path, json.dumps(data))
 
     def _persist_vote(self) -> None:
         self._write(self.state_file, {"term": self.term, "voted_for": self.voted_for})

@@ -25,12 +25,12 @@ RPC:     ``membership.view()``
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node.fsutil import atomic_write
 from services.base import Service
 
 ALIVE, SUSPECT, DEAD = "alive", "suspect", "dead"
@@ -65,12 +65,8 @@ def load_incarnation(path: Path) -> int:
 
 
 def store_incarnation(path: Path, inc: int) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"incarnation": inc}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # durable, rename included: a restart must never reuse an incarnation
+    atomic_write(path, json.dumps({"incarnation": inc}))
 
 
 class MembershipService(Service):

@@ -447,7 +447,7 @@ class FaultDriver:
 
 def sink_records(lc: ChaosCluster, manager: str) -> dict[str, list[int]]:
     """"node/log" -> record ids of our logs in manager's aggregated files, in file order."""
-    from manager.logsink import aggregated_files
+    from manager.logsink import aggregated_files, read_records
     m = lc.cluster.member(manager)
     root = Path(m.logs_root or m.data_dir / "logs")
     out: dict[str, list[int]] = {}
@@ -457,8 +457,8 @@ def sink_records(lc: ChaosCluster, manager: str) -> dict[str, list[int]]:
         if log not in LOGS:
             continue
         ids = out.setdefault(f"{node}/{log}", [])
-        for line in path.read_bytes().split(b"\n"):
-            mm = PAYLOAD_RE.match(line)
+        for record in read_records(path):        # decoded: the file's escaping undone
+            mm = PAYLOAD_RE.match(record)
             if mm:
                 ids.append(int(mm.group(3)))
     return out
