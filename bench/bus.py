@@ -27,7 +27,6 @@ import os
 import select
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,48 +39,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import msgpack  # noqa: E402
 import zmq  # noqa: E402
 
+from anchors import Children, free_ports  # noqa: E402 - bench/ is this script's directory
+
 BODY = {"seq": 0, "member": "n1", "time": 1795580845.25, "msg": "x" * 64}
 HWM = 50_000
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class Children:
-    """Subprocesses of the bench, stopped by PID at the end."""
-
-    def __init__(self, log_dir: Path):
-        self.log_dir = log_dir
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], name: str, stdin=subprocess.DEVNULL) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "wb")
-        p = subprocess.Popen(argv, stdin=stdin, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self.procs.append(p)
-        return p
-
-    def stop_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
 
 def me(*args: str) -> list[str]:
     return [sys.executable, os.path.abspath(__file__), *args]
@@ -393,7 +357,7 @@ def main() -> int:
 
     base = Path(tempfile.mkdtemp(prefix="eclb", dir="/tmp"))
     (base / "logs").mkdir()
-    children = Children(base / "logs")
+    children = Children(base / "logs", stop_timeout=5)
     try:
         raw_rt = raw_round_trip(children, calls)
         chain_rt = raw_chain_round_trip(children, calls, base)

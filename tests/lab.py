@@ -37,6 +37,15 @@ from pyroute2 import IPRoute, netns
 from ecluster import labnet
 from ecluster.labnet import (MARKER_DIR, NETNS_DIR, LabNetError, cleanup_stale,  # noqa: F401 - re-exported
                              make_prefix, validate_subnet)
+from probe_analysis import bracketed_holders  # noqa: E402 - tests/ is on sys.path wherever lab is
+
+def _start_sampler_thread(sampler, what: str) -> None:
+    """Start a sampler's thread and wait until it reads (or failed to open its sockets)."""
+    sampler._thread.start()
+    sampler._ready.wait()
+    if sampler.error is not None:
+        raise LabError(f"{what} could not start: {sampler.error}")
+
 
 __all__ = [
     "LabError",
@@ -585,10 +594,7 @@ class AddressSampler:
         self._thread = threading.Thread(target=self._run, name="address-sampler", daemon=True)
 
     def _start(self) -> None:
-        self._thread.start()
-        self._ready.wait()
-        if self.error is not None:
-            raise LabError(f"address sampler could not start: {self.error}")
+        _start_sampler_thread(self, "address sampler")
 
     def _run(self) -> None:
         handles: list[tuple[int, IPRoute, int]] = []
@@ -689,24 +695,7 @@ class AddressSampler:
     def _overlaps(self) -> list[tuple[float, str, list[int]]]:
         with self._lock:
             reads = list(self.reads)
-        by_member: dict[int, list[tuple[float, frozenset]]] = {}
-        for t, i, held in reads:
-            by_member.setdefault(i, []).append((t, held))
-        times = {i: [t for t, _ in seq] for i, seq in by_member.items()}
-        out = []
-        for z, j, held in reads:
-            for v in held:
-                holders = [j]
-                for i, seq in by_member.items():
-                    if i == j:
-                        continue
-                    k = bisect.bisect_right(times[i], z)
-                    before = seq[k - 1] if k else None
-                    after = seq[k] if k < len(seq) else None
-                    if before and after and v in before[1] and v in after[1]:
-                        holders.append(i)
-                out.append((z, v, sorted(holders)))
-        return out
+        return bracketed_holders(reads)
 
     def holders_at(self, t: float) -> dict[str, list[int]] | None:
         """The latest sample taken at or before `t` (time.time() scale), or None."""
@@ -773,10 +762,7 @@ class ArpSampler:
         self._thread = threading.Thread(target=self._run, name="arp-sampler", daemon=True)
 
     def _start(self) -> None:
-        self._thread.start()
-        self._ready.wait()
-        if self.error is not None:
-            raise LabError(f"ARP sampler could not start: {self.error}")
+        _start_sampler_thread(self, "ARP sampler")
 
     def _open(self) -> socket.socket:
         from node.netlink import ETH_P_ARP, run_in_netns

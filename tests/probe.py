@@ -71,14 +71,17 @@ class Prober:
         self.records: list[ProbeRecord] = []
         self.dropped = 0
 
-    def _finish(self, a: _Attempt, who: str | None, err: str | None) -> None:
-        self.records.append(ProbeRecord(a.t0, time.time(), who, err))
+    def _forget(self, a: _Attempt) -> None:
         self.inflight.discard(a)
         try:
             self.sel.unregister(a.sock)
         except (KeyError, ValueError):
             pass
         a.sock.close()
+
+    def _finish(self, a: _Attempt, who: str | None, err: str | None) -> None:
+        self.records.append(ProbeRecord(a.t0, time.time(), who, err))
+        self._forget(a)
 
     def launch(self) -> None:
         """Start one attempt (connect in progress, or failed at once)."""
@@ -142,12 +145,7 @@ class Prober:
         """Forget unfinished attempts (outcome unknown)."""
         for a in list(self.inflight):
             self.dropped += 1
-            self.inflight.discard(a)
-            try:
-                self.sel.unregister(a.sock)
-            except (KeyError, ValueError):
-                pass
-            a.sock.close()
+            self._forget(a)
         self.sel.close()
 
 

@@ -16,6 +16,7 @@ of the earliest-started attempt.
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple
@@ -171,3 +172,27 @@ class ProbeAnalysis:
 def analyze(records: Iterable) -> ProbeAnalysis:
     """A ProbeAnalysis over `records` (tuples, ProbeRecords or dicts)."""
     return ProbeAnalysis(records)
+
+
+def bracketed_holders(reads) -> list[tuple[float, str, list]]:
+    """For every read (t, member, held VIPs) and every VIP it shows, the members holding
+    that VIP at instant t: the reader itself, plus each other member whose reads just
+    before *and* just after t both show the VIP (it held it across t). One pass over the
+    members is not an instant (it took up to 30 ms under load), so a member's single read
+    is never compared with another's as if simultaneous. Pure; reads in any order."""
+    by_member: dict = {}
+    for t, m, held in sorted(reads, key=lambda r: r[0]):
+        by_member.setdefault(m, []).append((t, frozenset(held)))
+    times = {m: [t for t, _ in seq] for m, seq in by_member.items()}
+    out = []
+    for z, j, held in reads:
+        for v in held:
+            holders = [j]
+            for i, seq in by_member.items():
+                if i == j:
+                    continue
+                k = bisect.bisect_right(times[i], z)
+                if 0 < k < len(seq) and v in seq[k - 1][1] and v in seq[k][1]:
+                    holders.append(i)
+            out.append((z, v, sorted(holders)))
+    return out

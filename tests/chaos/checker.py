@@ -19,9 +19,10 @@ fault (no-quorum windows are expected to take every VIP away).
 """
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 from typing import Any
+
+from probe_analysis import bracketed_holders
 
 __all__ = ["History", "AppliedFault", "Verdict", "Row", "check", "double_holders", "longest_gap",
            "format_verdict", "GRACE_S", "END_ANSWER_S"]
@@ -123,23 +124,7 @@ class Verdict:
 
 def double_holders(reads: list[tuple[float, str, tuple[str, ...]]]) -> list[tuple[float, str, list[str]]]:
     """Every (t, vip, members) where more than one member held ``vip`` at instant t (see above)."""
-    by_member: dict[str, list[tuple[float, frozenset]]] = {}
-    for t, m, held in sorted(reads, key=lambda r: r[0]):
-        by_member.setdefault(m, []).append((t, frozenset(held)))
-    times = {m: [t for t, _ in seq] for m, seq in by_member.items()}
-    out = []
-    for z, j, held in reads:
-        for v in held:
-            holders = [j]
-            for i, seq in by_member.items():
-                if i == j:
-                    continue
-                k = bisect.bisect_right(times[i], z)
-                if 0 < k < len(seq) and v in seq[k - 1][1] and v in seq[k][1]:
-                    holders.append(i)
-            if len(holders) > 1:
-                out.append((z, v, sorted(holders)))
-    return out
+    return [(t, v, h) for t, v, h in bracketed_holders(reads) if len(h) > 1]
 
 
 def arp_doubles_judged(h: History) -> tuple[list, list]:
