@@ -11,14 +11,16 @@ Settings and why:
                   DEALER send fails fast (NOBLOCK) and the caller sees "unreachable"
   HEARTBEAT_*     ZMTP pings on every TCP link: a dead peer's connection is torn down
                   after the timeout, so IMMEDIATE sends fail instead of queueing forever
-  RECONNECT_IVL   base + random jitter in [0, base): members restarting together do not
-                  reconnect in lock-step
+  RECONNECT_IVL   the preset's base; libzmq adds a random [0, base) to every wait, so
+                  members restarting together do not reconnect in lock-step
+  CONNECT_TIMEOUT a connect still unanswered after this is abandoned and retried: a SYN
+                  lost while a partition heals would otherwise wait for the kernel's 1 s
+                  retransmission (timing.connect_timeout_ms)
   MAXMSGSIZE      frames above envelope.MAX_FRAME are refused by libzmq before Python sees them
   IMMEDIATE       broker-to-broker DEALERs queue only on live connections
 """
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import zmq
@@ -48,9 +50,10 @@ def tcp_options(sock: zmq.Socket, timing: Timing) -> None:
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timing.zmq_heartbeat_timeout_ms)
     sock.setsockopt(zmq.HEARTBEAT_TTL, timing.zmq_heartbeat_timeout_ms)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-    base = timing.reconnect_ivl_ms
-    sock.setsockopt(zmq.RECONNECT_IVL, base + random.randint(0, base))
+    # (no jitter of our own: a base above RECONNECT_IVL_MAX would switch the back-off off)
+    sock.setsockopt(zmq.RECONNECT_IVL, timing.reconnect_ivl_ms)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, timing.reconnect_ivl_max_ms)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, timing.connect_timeout_ms)
 
 
 def make_socket(ctx: zmq.Context, kind: int, linger_ms: int = 0) -> zmq.Socket:

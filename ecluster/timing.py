@@ -20,11 +20,23 @@ Derived:
   election_timeout = D              a member stands for coordinator after hearing nothing
                                     from a coordinator for as long as it takes to declare it dead
                                     (after a pre-vote: no term is bumped without a majority's yes).
-  reconnect_ivl_max = max(r, min(10 r, D / 2))
-                                    zmq's reconnect back-off (r = reconnect_ivl): links come back
-                                    within D/2 of a heal.
+  reconnect_ivl_max = max(r, min(10 r, D / 4))
+                                    zmq's reconnect back-off (r = reconnect_ivl; libzmq adds a
+                                    random [0, r) to every wait): links come back within
+                                    D/4 + r of a heal.
+  connect_timeout = max(50 ms, min(1 s, D / 2))
+                                    a TCP connect whose SYN (or SYN-ACK) was lost while a
+                                    partition healed is abandoned and tried again after this,
+                                    instead of waiting for the kernel's 1 s SYN retransmission.
   new_term_wait   = handover_wait   a fresh coordinator grants nothing for this long, since
                                     its predecessor may have granted leases it cannot know of.
+  struggle_after  = 2 handover_wait + D
+                                    an assigned owner that has not held its VIP for this long
+                                    (two promise periods and a failure detection) cannot keep
+                                    it: the coordinator passes it over for owner_penalty
+                                    (node.vipcore.HoldRecord); so does one that lost it twice
+                                    within lapse_window (60 s) while still assigned.
+  owner_penalty   = max(10 s, 10 anti_flap), doubling up to 12 x when it happens again.
 
 Why failover is fast although leases are safe: a holder that is *alive* but partitioned
 stops renewing and unplumbs at L (own clock); the majority side declares it dead at D
@@ -55,6 +67,7 @@ class Timing:
     zmq_heartbeat_timeout_ms: int
     reconnect_ivl_ms: int
     reconnect_ivl_max_ms: int
+    connect_timeout_ms: int
 
     @property
     def renew_every(self) -> float:
@@ -72,9 +85,26 @@ class Timing:
     def new_term_wait(self) -> float:
         return self.handover_wait
 
+    @property
+    def struggle_after(self) -> float:
+        return 2 * self.handover_wait + self.dead_after
+
+    @property
+    def owner_penalty(self) -> float:
+        return max(10.0, 10 * self.anti_flap)
+
+    @property
+    def owner_penalty_max(self) -> float:
+        return 12 * self.owner_penalty
+
+    @property
+    def lapse_window(self) -> float:
+        return 60.0
+
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        for derived in ("renew_every", "handover_wait", "election_timeout", "new_term_wait"):
+        for derived in ("renew_every", "handover_wait", "election_timeout", "new_term_wait",
+                        "struggle_after", "owner_penalty", "owner_penalty_max", "lapse_window"):
             d[derived] = round(getattr(self, derived), 6)
         return d
 
@@ -97,9 +127,11 @@ def _make(name: str, probe_interval: float, k_suspect: float, k_dead: float,
         zmq_heartbeat_ivl_ms=zmq_hb_ms,
         zmq_heartbeat_timeout_ms=3 * zmq_hb_ms,
         reconnect_ivl_ms=reconnect_ms,
-        # back-off of zmq's reconnection attempts, capped at half of dead_after: after a
+        # back-off of zmq's reconnection attempts, capped at a quarter of dead_after: after a
         # partition heals every link is back well within one failure-detection period
-        reconnect_ivl_max_ms=max(reconnect_ms, min(10 * reconnect_ms, round(dead_after * 500))),
+        reconnect_ivl_max_ms=max(reconnect_ms, min(10 * reconnect_ms, round(dead_after * 250))),
+        # a SYN lost in the instant a partition heals costs D/2, not the kernel's 1 s retransmit
+        connect_timeout_ms=max(50, min(1000, round(dead_after * 500))),
     )
 
 
@@ -111,7 +143,7 @@ PRESETS: dict[str, Timing] = {
     "lan": _make("lan", probe_interval=0.1, k_suspect=4, k_dead=3, lease_factor=1.0,
                  zmq_hb_ms=500, reconnect_ms=100),
     "fast": _make("fast", probe_interval=0.03, k_suspect=3, k_dead=2, lease_factor=1.0,
-                  zmq_hb_ms=200, reconnect_ms=50),
+                  zmq_hb_ms=200, reconnect_ms=20),
 }
 
 

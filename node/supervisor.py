@@ -133,6 +133,25 @@ def supervisor_conf(cluster: Cluster, member: str, config_path: Path | str | Non
     return "\n".join(lines)
 
 
+def all_started(states: dict[str, str]) -> bool:
+    """Has every program reached RUNNING (up for ``startsecs``)? Pure."""
+    return bool(states) and all(state == "RUNNING" for state in states.values())
+
+
+def program_states(member: Member) -> dict[str, str] | None:
+    """{program: supervisord state name} of ``member``'s supervisord, asked over its unix
+    socket; None when it has no socket (the member's processes are not supervised).
+    Blocking: call it from a thread. Raises OSError or xmlrpc errors when supervisord
+    does not answer."""
+    sock = socket_path(member)
+    if not sock.exists():
+        return None
+    import xmlrpc.client
+    from supervisor.xmlrpc import SupervisorTransport
+    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport(None, None, f"unix://{sock}"))
+    return {p["name"]: p["statename"] for p in proxy.supervisor.getAllProcessInfo()}
+
+
 def find_supervisord(python: str = sys.executable) -> str:
     """The supervisord of this venv (next to the interpreter), else the one on PATH."""
     beside = Path(python).parent / "supervisord"

@@ -28,6 +28,9 @@ States::
                address it holds at start, then waits for an election)
     ACQUIRING  lease granted, PLUMB issued, not yet confirmed
     OWNED      plumbed, lease valid, GARP sent
+    HANDING_OVER  plumbed, lease valid, but the assignment names another node: keeps serving
+               (no renewals) until that node asks for the handover or the lease runs out, so
+               the successor collects its promises while clients are still answered here
     RELEASING  unplumbing (release ordered, lease expired, plumbing failed, or found plumbed
                without a lease)
     FENCED     we lost quorum: must not hold, and must not accept a grant until quorum is back
@@ -37,7 +40,10 @@ Events::
     LEASE_GRANTED, LEASE_RENEWED   from the coordinator (the caller has already checked the
                                    lease with lease_valid and dropped a stale one)
     LEASE_EXPIRED                  our own monotonic clock says the lease ran out
-    RELEASE_ORDERED                coordinator: hand it on (manual move, failback, drain)
+    REASSIGNED                     the assignment names another node (manual move, failback,
+                                   drain): an owner keeps the address until the handover
+    RELEASE_ORDERED                unplumb now: the successor asked for the handover, or we
+                                   are stopping
     PLUMB_DONE, UNPLUMB_DONE       the I/O we asked for completed
     PLUMB_FAILED, UNPLUMB_FAILED   the I/O we asked for failed (the address is as it was)
     QUORUM_LOST, QUORUM_REGAINED   from membership/election
@@ -291,6 +297,7 @@ def assign_vips(
     drained: set[str],
     pinned: dict[str, str],
     current: dict[str, str],
+    avoid: dict[str, set[str]] | None = None,
 ) -> dict[str, str | None]:
     """Choose an owner for every VIP; returns ``{bare address: node or None}``.
 
@@ -306,6 +313,9 @@ def assign_vips(
     3. stability: the current owner, when it is still eligible (no needless moves);
     4. load: the eligible node with the lowest load, where load = ``loads[node]`` + the number
        of VIPs assigned to it so far in this round; ties go to the first node in name order.
+
+    ``avoid`` ({vip: nodes}, see :class:`HoldRecord`): nodes that could not keep that VIP
+    lately; rules 2-4 pass them over while another eligible node exists (a pin still wins).
 
     Rules 1-3 are applied to every VIP before rule 4 places the rest, in configured order, so the
     load counts every VIP placed by rules 1-3. A VIP placed on a node counts together with all
@@ -335,11 +345,13 @@ def assign_vips(
     owner_of_leader: dict[str, str | None] = {}
     leaders = [spec for spec in vips if spec.key not in follow_of]
 
+    avoided = {vip_key(k): set(v) for k, v in (avoid or {}).items()}
     if eligible:
         for spec in leaders:  # rules 1-3
             key = spec.key
-            for choice in (pinned_by_key.get(key), spec.preference, current_by_key.get(key)):
-                if choice is not None and choice in eligible_set:
+            shunned = avoided.get(key, set()) if set(eligible) - avoided.get(key, set()) else set()
+            for rule, choice in enumerate((pinned_by_key.get(key), spec.preference, current_by_key.get(key))):
+                if choice is not None and choice in eligible_set and (rule == 0 or choice not in shunned):
                     owner_of_leader[key] = choice
                     load[choice] += group_size[key]
                     break
@@ -348,11 +360,82 @@ def assign_vips(
             if key in owner_of_leader:
                 continue
             # min() keeps the first of equal loads, and eligible is in name order
-            choice = min(eligible, key=lambda node: load[node])
+            pool = [n for n in eligible if n not in avoided.get(key, set())] or eligible
+            choice = min(pool, key=lambda node: load[node])
             owner_of_leader[key] = choice
             load[choice] += group_size[key]
 
     return {key: owner_of_leader.get(leader[key]) for key in keys}
+
+
+# --------------------------------------------------------------------------- owners that cannot hold
+
+
+class HoldRecord:
+    """How each VIP's assigned owner fares, as the coordinator sees it: pure (times passed in).
+
+    A node can be alive in every view and still unable to keep a VIP: a slow or lossy link
+    makes its promise round trips outlast the lease, so it lapses, asks again, lapses. The
+    preference rule would keep the address on it, dark most of the time. This record turns
+    that into a *penalty*: :func:`assign_vips` passes the node over for that VIP (``avoid``)
+    while another eligible node exists, for ``penalty`` seconds, doubling (up to
+    ``penalty_max``) when it happens again soon after.
+
+    A *lapse*: the owner reported the VIP held and then not, while still assigned; or it has
+    not held it for ``struggle_after`` since it was assigned (or since its last lapse). Never
+    holding it in time is a penalty at once (the address is dark); losing it needs ``lapses``
+    within ``window`` (one lapse is a blip, and holding again is quick). A change of owner
+    starts afresh, so failovers and graceful moves count nothing.
+    """
+
+    def __init__(self, struggle_after: float, window: float, lapses: int, penalty: float, penalty_max: float):
+        self.struggle_after, self.window, self.lapses_allowed = struggle_after, window, lapses
+        self.penalty, self.penalty_max = penalty, penalty_max
+        self.owner: dict[str, str | None] = {}
+        self.since: dict[str, float] = {}                    # assigned, last held, or last lapse
+        self.held: dict[str, bool] = {}
+        self.lapses: dict[tuple[str, str], list[float]] = {}
+        self.until: dict[tuple[str, str], float] = {}        # (vip, node) -> penalty ends
+        self.length: dict[tuple[str, str], float] = {}       # (vip, node) -> last penalty's length
+
+    def observe(self, vip: str, owner: str | None, held: bool | None, now: float) -> float | None:
+        """One look at ``vip``: assigned to ``owner``, which holds it (``held``; None: no fresh
+        report, nothing learnt). Returns the penalty's length when one starts now, else None."""
+        if owner != self.owner.get(vip):
+            self.owner[vip], self.since[vip], self.held[vip] = owner, now, False
+            return None
+        if owner is None or held is None:
+            return None
+        if held:
+            self.held[vip], self.since[vip] = True, now
+            return None
+        lost = self.held.get(vip, False)
+        if not lost and now - self.since[vip] < self.struggle_after:
+            return None
+        self.held[vip], self.since[vip] = False, now
+        key = (vip, owner)
+        recent = [t for t in self.lapses.get(key, []) if now - t < self.window] + [now]
+        if lost and len(recent) < self.lapses_allowed:
+            self.lapses[key] = recent
+            return None
+        self.lapses.pop(key, None)
+        last = self.length.get(key)
+        recently = last is not None and now - self.until.get(key, -math.inf) < self.penalty_max
+        length = min(self.penalty_max, 2 * last) if recently else self.penalty
+        self.length[key], self.until[key] = length, now + length
+        return length
+
+    def penalties(self, now: float) -> dict[str, dict[str, float]]:
+        """{vip: {node: seconds of its penalty left}} for the penalties running now."""
+        out: dict[str, dict[str, float]] = {}
+        for (vip, node), until in self.until.items():
+            if until > now:
+                out.setdefault(vip, {})[node] = until - now
+        return out
+
+    def avoid(self, now: float) -> dict[str, set[str]]:
+        """{vip: nodes in a penalty for it now}: :func:`assign_vips`'s ``avoid``."""
+        return {vip: set(nodes) for vip, nodes in self.penalties(now).items()}
 
 
 # --------------------------------------------------------------------------- owner state machine
@@ -364,6 +447,7 @@ class State(enum.Enum):
     RELEASED = "released"
     ACQUIRING = "acquiring"
     OWNED = "owned"
+    HANDING_OVER = "handing_over"
     RELEASING = "releasing"
     FENCED = "fenced"
 
@@ -375,6 +459,7 @@ class Event(enum.Enum):
     LEASE_RENEWED = "lease_renewed"
     LEASE_EXPIRED = "lease_expired"
     RELEASE_ORDERED = "release_ordered"
+    REASSIGNED = "reassigned"
     PLUMB_DONE = "plumb_done"
     UNPLUMB_DONE = "unplumb_done"
     PLUMB_FAILED = "plumb_failed"
@@ -422,6 +507,7 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, list[Action]]] = {
     (S.ACQUIRING, E.LEASE_RENEWED): (S.ACQUIRING, []),
     (S.ACQUIRING, E.LEASE_EXPIRED): (S.RELEASING, [A.UNPLUMB]),
     (S.ACQUIRING, E.RELEASE_ORDERED): (S.RELEASING, [A.UNPLUMB]),
+    (S.ACQUIRING, E.REASSIGNED): (S.RELEASING, [A.UNPLUMB]),     # not serving yet: just give it up
     (S.ACQUIRING, E.PLUMB_DONE): (
         S.OWNED, [A.GARP_BURST, A.SCHEDULE_GARP_REPEAT, A.REPORT_OWNED]),
     # give the lease back (the coordinator decides elsewhere); UNPLUMB undoes any partial work
@@ -433,10 +519,24 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, list[Action]]] = {
     (S.OWNED, E.LEASE_RENEWED): (S.OWNED, []),
     (S.OWNED, E.LEASE_EXPIRED): (S.RELEASING, [A.CANCEL_GARP_REPEAT, A.UNPLUMB]),
     (S.OWNED, E.RELEASE_ORDERED): (S.RELEASING, [A.CANCEL_GARP_REPEAT, A.UNPLUMB]),
+    (S.OWNED, E.REASSIGNED): (S.HANDING_OVER, []),
     (S.OWNED, E.QUORUM_LOST): (S.FENCED, [A.CANCEL_GARP_REPEAT, A.UNPLUMB]),
     (S.OWNED, E.FOUND_MISSING): (S.ACQUIRING, [A.CANCEL_GARP_REPEAT, A.PLUMB]),
     # we hold a valid lease: alarm, and re-announce so clients come back to the rightful holder
     (S.OWNED, E.OTHER_OWNER_SEEN): (S.OWNED, [A.ALARM_TWO_OWNERS, A.GARP_BURST]),
+    # HANDING_OVER: still plumbed and counted, not renewed; the successor's handover request
+    # (RELEASE_ORDERED) or the lease's end (LEASE_EXPIRED) unplumbs
+    (S.HANDING_OVER, E.RELEASE_ORDERED): (S.RELEASING, [A.CANCEL_GARP_REPEAT, A.UNPLUMB]),
+    (S.HANDING_OVER, E.LEASE_EXPIRED): (S.RELEASING, [A.CANCEL_GARP_REPEAT, A.UNPLUMB]),
+    (S.HANDING_OVER, E.QUORUM_LOST): (S.FENCED, [A.CANCEL_GARP_REPEAT, A.UNPLUMB]),
+    # the assignment came back before the successor asked: renewing again (voters that
+    # promised the successor refuse the renewal, so the lease rule still decides)
+    (S.HANDING_OVER, E.LEASE_GRANTED): (S.OWNED, []),
+    (S.HANDING_OVER, E.LEASE_RENEWED): (S.OWNED, []),
+    # nobody may count the successor promises before our confirmation: a real alarm
+    (S.HANDING_OVER, E.OTHER_OWNER_SEEN): (S.HANDING_OVER, [A.ALARM_TWO_OWNERS]),
+    # gone from the interface while on our way out: nothing left to unplumb
+    (S.HANDING_OVER, E.FOUND_MISSING): (S.RELEASED, [A.CANCEL_GARP_REPEAT, A.REPORT_RELEASED]),
     # RELEASING: UNPLUMB in flight (or failed, awaiting reconciliation)
     (S.RELEASING, E.UNPLUMB_DONE): (S.RELEASED, [A.REPORT_RELEASED]),
     (S.RELEASING, E.UNPLUMB_FAILED): (S.RELEASING, [A.ALARM_UNPLUMB_FAILED]),
@@ -461,6 +561,7 @@ IGNORED: frozenset[tuple[State, Event]] = frozenset({
     (S.RELEASED, E.QUORUM_REGAINED),
     (S.RELEASED, E.FOUND_MISSING),  # not ours: missing is right
     (S.RELEASED, E.OTHER_OWNER_SEEN),  # someone else holds it: fine
+    (S.RELEASED, E.REASSIGNED),
     (S.ACQUIRING, E.LEASE_GRANTED),  # duplicate
     (S.ACQUIRING, E.QUORUM_REGAINED),
     (S.ACQUIRING, E.FOUND_PLUMBED_UNEXPECTEDLY),  # the PLUMB in flight decides
@@ -468,16 +569,22 @@ IGNORED: frozenset[tuple[State, Event]] = frozenset({
     (S.OWNED, E.PLUMB_DONE),  # duplicate
     (S.OWNED, E.QUORUM_REGAINED),
     (S.OWNED, E.FOUND_PLUMBED_UNEXPECTEDLY),  # ours, and plumbed: as it should be
+    (S.HANDING_OVER, E.REASSIGNED),  # duplicate
+    (S.HANDING_OVER, E.PLUMB_DONE),  # duplicate
+    (S.HANDING_OVER, E.QUORUM_REGAINED),
+    (S.HANDING_OVER, E.FOUND_PLUMBED_UNEXPECTEDLY),  # still ours until the handover
     (S.RELEASING, E.LEASE_GRANTED),  # finish releasing first; the coordinator re-grants
     (S.RELEASING, E.LEASE_RENEWED),
     (S.RELEASING, E.LEASE_EXPIRED),  # already unplumbing
     (S.RELEASING, E.RELEASE_ORDERED),  # duplicate
+    (S.RELEASING, E.REASSIGNED),
     (S.RELEASING, E.QUORUM_REGAINED),
     (S.RELEASING, E.OTHER_OWNER_SEEN),  # the next owner: expected
     (S.FENCED, E.LEASE_GRANTED),  # never act on a grant without quorum
     (S.FENCED, E.LEASE_RENEWED),
     (S.FENCED, E.LEASE_EXPIRED),
     (S.FENCED, E.RELEASE_ORDERED),  # reported when quorum returns
+    (S.FENCED, E.REASSIGNED),
     (S.FENCED, E.PLUMB_FAILED),
     (S.FENCED, E.QUORUM_LOST),
     (S.FENCED, E.FOUND_MISSING),  # not holding is right
@@ -565,7 +672,7 @@ class VipOwnerFSM:
     @property
     def holds(self) -> bool:
         """True while this node claims the VIP (it may have it plumbed)."""
-        return self.state in (State.ACQUIRING, State.OWNED)
+        return self.state in (State.ACQUIRING, State.OWNED, State.HANDING_OVER)
 
     def __repr__(self) -> str:
         return f"VipOwnerFSM({self.vip!r}, {self.state.name}, pending_io={self.pending_io})"

@@ -41,7 +41,7 @@ from typing import Any
 
 from bus.client import BusError
 from node.fsutil import atomic_write
-from node.vipcore import VipSpec, assign_vips, vip_key
+from node.vipcore import HoldRecord, VipSpec, assign_vips, vip_key
 from services.base import Service, ServiceError
 
 FOLLOWER, CANDIDATE, LEADER = "follower", "candidate", "leader"
@@ -84,6 +84,7 @@ class ElectionService(Service):
         self.view: dict = {}
         self.alive_since: dict[str, float] = {}    # monotonic, for anti-flap
         self.returned: set[str] = set()            # nodes seen leaving since we started
+        self.ready_at: dict[str, float] = {}       # monotonic: first vip.status saying "ready"
         self.vip_status: dict[str, dict] = {}      # node -> last vip.status body (+ "_at")
         self.assignment: dict = {"term": 0, "leader": None, "seq": 0, "owners": {}, "drained": [],
                                  "pinned": {}, "candidates": [], "settled": time.time()}
@@ -96,7 +97,9 @@ class ElectionService(Service):
         self.seq = 0
         self.leader_since = 0.0
         self.lost_in_a_row = 0                     # candidacies lost in a row (back-off)
-        self.counters = {"prevotes": 0, "prevotes_won": 0, "candidacies": 0, "elected": 0}
+        self.counters = {"prevotes": 0, "prevotes_won": 0, "candidacies": 0, "elected": 0, "penalties": 0}
+        # owners that are alive but cannot keep their VIP (a slow link): passed over for a while
+        self.hold_record = HoldRecord(t.struggle_after, t.lapse_window, 2, t.owner_penalty, t.owner_penalty_max)
 
     # -- persistence ----------------------------------------------------------------
     def _load(self) -> None:
@@ -303,6 +306,8 @@ class ElectionService(Service):
             if node in self.cluster.nodes:
                 body["_at"] = time.monotonic()
                 self.vip_status[node] = body
+                if body.get("ready") is not False and node in self.alive_since:   # absent: does not tell
+                    self.ready_at.setdefault(node, body["_at"])
         elif topic == "election.assignment":
             self._take_assignment(body, env.src)
 
@@ -315,6 +320,7 @@ class ElectionService(Service):
                 self.alive_since.setdefault(name, now)
             elif name in self.alive_since:
                 del self.alive_since[name]
+                self.ready_at.pop(name, None)
                 self.returned.add(name)         # it went away: when it comes back, anti-flap applies
         self.view = view
 
@@ -360,12 +366,19 @@ class ElectionService(Service):
             out.append(node)
         return out
 
+    def _settled(self, node: str, now: float) -> bool:
+        """Has ``node`` been alive and ready (every program running) for anti_flap?"""
+        if node not in self.ready_at or node not in self.alive_since:
+            return False
+        return now - max(self.alive_since[node], self.ready_at[node]) >= self.timing.anti_flap
+
     def compute_owners(self, now: float) -> dict[str, str | None]:
         cands = self.candidates(now)
         current = {k: v for k, v in self.assignment.get("owners", {}).items() if v}
-        # anti-flap: a node that came back only recently is not yet *preferred*
+        # anti-flap: a node that came back is not *preferred* again until its programs all
+        # run (vip.status "ready") and it has been alive and ready for anti_flap
         unstable = {n for n in cands if n in self.returned and n != self.member.name
-                    and now - self.alive_since.get(n, now) < self.timing.anti_flap}
+                    and not self._settled(n, now)}
         specs = self.specs
         if unstable:
             specs = [VipSpec(address=s.address, interface=s.interface, kind=s.kind,
@@ -374,10 +387,31 @@ class ElectionService(Service):
             current = {k: v for k, v in current.items() if v not in unstable}
         pinned = {k: v for k, v in self.pinned.items() if v not in unstable}
         loads = {n: 0.0 for n in cands}
-        return assign_vips(specs, cands, loads, self.drained, pinned, current)
+        return assign_vips(specs, cands, loads, self.drained, pinned, current, self.hold_record.avoid(now))
+
+    def _observe_holders(self, now: float) -> None:
+        """Does each VIP's assigned owner hold it? (vip.status, fresh only); a penalty starts
+        when one cannot keep it (node.vipcore.HoldRecord)."""
+        owners = self.assignment.get("owners", {}) if self.assignment.get("term") == self.term else {}
+        fresh = self.timing.suspect_after
+        for spec in self.specs:
+            if spec.follow:
+                continue                      # followers go wherever their leader goes
+            owner = owners.get(spec.key)
+            st = self.vip_status.get(owner) if owner else None
+            held = None if st is None or now - st["_at"] > fresh else spec.key in (st.get("held") or [])
+            length = self.hold_record.observe(spec.key, owner, held, now)
+            if length is not None:
+                self.counters["penalties"] += 1
+                self.log.warning("%s: %s cannot keep it (lease lapses while alive): passed over for %.0f s",
+                                 spec.key, owner, length)
+                asyncio.get_running_loop().create_task(self.alarm(
+                    "vip_owner_struggling", f"VIP {spec.key}: {owner} cannot keep it; moved elsewhere for {length:.0f} s",
+                    vip=spec.key, node=owner, seconds=length))
 
     async def _publish_assignment(self) -> None:
         now = time.monotonic()
+        self._observe_holders(now)
         owners = self.compute_owners(now)
         prev = self.assignment.get("owners", {})
         settled = self.assignment.get("settled", time.time())
@@ -575,6 +609,7 @@ class ElectionService(Service):
             for vip in st.get("held", []) or []:
                 holders.setdefault(vip, []).append(node)
         rows = []
+        avoid = self.hold_record.penalties(now)
         for s in self.specs:
             owner = owners.get(s.key)
             held = sorted(holders.get(s.key, []))
@@ -590,5 +625,7 @@ class ElectionService(Service):
                          "holders": held, "preference": s.preference, "follow": s.follow,
                          "candidates": a.get("candidates", []), "state": state,
                          "pinned": self.pinned.get(s.key),
+                         # nodes passed over for this VIP (they could not keep it): seconds left
+                         "avoided": {n: round(left, 1) for n, left in sorted(avoid.get(s.key, {}).items())},
                          "settled_for": round(time.time() - a.get("settled", time.time()), 3)})
         return rows

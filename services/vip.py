@@ -18,10 +18,13 @@ Loop, per VIP (state machine: :class:`node.vipcore.VipOwnerFSM`):
 * The moment fewer than a majority of promises are unexpired (a timer fires at that
   instant, minus a small guard), unplumb. No message is needed for that: a partitioned
   owner fences itself on its own clock.
-* When the assignment names another node: unplumb, fence, tell the voters (``release``,
-  carrying the fence so a voter drops only promises asked for before it) and publish
-  ``vip.released`` so the next owner asks again at once (graceful move: release, then
-  acquire).
+* When the assignment names another node, an owner keeps serving (HANDING_OVER: no
+  renewals, the lease still counted) until the next owner, holding successor promises from
+  a majority, asks for the handover: then unplumb, fence, answer, and tell the voters
+  (``release``, carrying the fence so a voter drops only promises asked for before it) and
+  publish ``vip.released``. Clients are answered here while the successor collects its
+  promises, so a graceful move costs one message, not a promise round (release, then
+  acquire). If nobody asks before the lease runs out, it lapses as any other.
 * On start every managed address found on our interfaces is removed first: a restarted
   service has forgotten its leases, so it must not hold anything it cannot prove.
 * Every ``reconcile_every`` the interfaces are compared with the state machine; another
@@ -29,8 +32,10 @@ Loop, per VIP (state machine: :class:`node.vipcore.VipOwnerFSM`):
 * After a partition heals (a member comes back alive in our view) every owned VIP is
   announced again with gratuitous ARP, so no client keeps a stale ARP entry.
 
-Publishes ``vip.status`` {node, held, states, load} every probe interval: the
-coordinator's evidence that this node can hold VIPs.
+Publishes ``vip.status`` {node, held, states, load, ready} every probe interval: the
+coordinator's evidence that this node can hold VIPs. ``ready`` turns true once every
+program of this member runs (supervisord's RUNNING): a node that comes back gets its
+preferred VIPs back only then (plus the anti-flap time), not while it is still starting.
 ``vip_dry_run = true`` in the cluster file (or running without root) records addresses
 in memory instead of plumbing them, and says so in its status.
 """
@@ -46,6 +51,9 @@ from typing import Any
 from bus.client import BusError
 from node.vipcore import Action, Event, LeaseBook, State, VipOwnerFSM, vip_key
 from services.base import Service
+
+
+READY_AT_THE_LATEST = 60.0      # s: a supervisord that never reports every program running
 
 
 class DryRunPlumber:
@@ -121,6 +129,7 @@ class VipService(Service):
         # The kernel deletes the address this long after our last refresh if we all die
         # (kill -9 of the whole node): whole seconds, at least 2 so one late refresh is harmless.
         self.kernel_lifetime = max(2, math.ceil(2 * t.lease))
+        self.ready = False
 
     # -- set-up -------------------------------------------------------------------
     async def handle_init(self) -> None:
@@ -142,7 +151,30 @@ class VipService(Service):
         self.loop = asyncio.get_running_loop()
         self.loop.create_task(self._renew_loop())
         self.loop.create_task(self._reconcile_loop())
+        self.loop.create_task(self._readiness_loop())
         await self._publish_status()
+
+    async def _readiness_loop(self) -> None:
+        """Until every program of this member runs: the coordinator hands a returning node
+        its preferred VIPs only once it is ready, so a failback does not land on a node
+        whose services (the mail server's among them) are still starting. Not supervised:
+        ready at once; supervisord not answering for READY_AT_THE_LATEST: ready anyway."""
+        from node.supervisor import all_started, program_states
+        give_up = time.monotonic() + READY_AT_THE_LATEST
+        while not self.ready:
+            try:
+                states = await asyncio.wait_for(self.loop.run_in_executor(None, program_states, self.member), 2.0)
+            except Exception as e:  # noqa: BLE001 - supervisord starting, or gone: ask again
+                self.log.debug("supervisord not answering yet: %s", e)
+                states = {}
+            if states is None or all_started(states) or time.monotonic() > give_up:
+                if states and not all_started(states):
+                    self.log.warning("programs not all running after %.0f s (%s): ready anyway",
+                                     READY_AT_THE_LATEST, states)
+                self.ready = True
+                await self._publish_status()
+                return
+            await asyncio.sleep(0.2)
 
     async def handle_stop(self) -> None:
         # Leaving cleanly: unplumb and release so the next owner need not wait for expiry.
@@ -196,16 +228,27 @@ class VipService(Service):
         before = set(self.mine())
         self.assignment = a
         after = set(self.mine())
-        lost = [k for k in before - after]
-        released = []
+        to_release = set()
         for key in self.specs:
-            if key not in after and self.fsm[key].holds:
-                self._drive(key, Event.RELEASE_ORDERED)
-                released.append(key)
-            if key not in after:
-                self._fence(key)
-        if released or lost:
-            self._release_soon(released or lost)
+            if key in after:
+                continue
+            fsm = self.fsm[key]
+            if fsm.state == State.OWNED:
+                # keep serving until the next owner asks for the handover (or the lease ends)
+                self._drive(key, Event.REASSIGNED)
+                if key in self.unplumbed:          # ... which it already did
+                    self._hand_over_now(key)
+                continue
+            if fsm.state == State.HANDING_OVER:
+                continue
+            if fsm.holds:
+                self._drive(key, Event.REASSIGNED)
+                to_release.add(key)
+            elif key in before:
+                to_release.add(key)
+            self._fence(key)
+        if to_release:
+            self._release_soon(sorted(to_release))
         gained = [k for k in after - before if not self.fsm[k].holds]
         if gained:
             await self._request(gained, fast=True)
@@ -277,12 +320,13 @@ class VipService(Service):
             self._start_ask(voter, wanted)
 
     def _round_done(self, key: str, holder: str) -> bool:
-        """Ask ``holder`` for the handover now? Once every voter has answered, or enough
-        successor promises wait to make a majority: one confirmation then covers them all
+        """Ask ``holder`` for the handover now? Once enough successor promises wait to make a
+        majority: the holder unplumbs when asked, and one confirmation then covers them all
         (it covers only promises received before it was asked for)."""
         book = self.books[key]
         waiting = sum(1 for _, after, _ in book.pending.values() if after == holder)
-        return not self.in_flight or waiting + len(book.counted) >= self.cluster.quorum
+        # not before a majority: the holder unplumbs when asked
+        return waiting + len(book.counted) >= self.cluster.quorum
 
     # -- handover: a successor promise counts once the previous holder confirms ----------
     def _ask_handover(self, key: str, holder: str) -> None:
@@ -313,12 +357,18 @@ class VipService(Service):
 
     async def rpc_handover(self, vip: str, to: str) -> dict:
         """Answer once ``vip`` is not plumbed here (at most 0.9 s): the asker's successor
-        promises then count. We can never get it back while those promises last."""
+        promises then count. We can never get it back while those promises last.
+
+        Handing over (the assignment names another node): unplumb now. Still assigned here
+        (the new assignment has not reached us yet): wait for it, or for the lease's end."""
         key = vip_key(vip) if isinstance(vip, str) else ""
         if key not in self.specs:
             return {"released": False, "reason": "unknown VIP"}
         deadline = time.monotonic() + 0.9
         while self.fsm[key].state not in (State.RELEASED, State.FENCED) or self.fsm[key].pending_io:
+            if self.fsm[key].state == State.HANDING_OVER:
+                self._hand_over_now(key)
+                continue
             left = deadline - time.monotonic()
             if left <= 0:
                 return {"released": False, "reason": "still held"}
@@ -333,6 +383,11 @@ class VipService(Service):
         if key in self.delayed_release:
             self.loop.call_soon(self._release_due, key)       # after this answer has gone out
         return {"released": True, "vip": key}
+
+    def _hand_over_now(self, key: str) -> None:
+        """The next owner asked: unplumb; the release goes out once the answer has."""
+        self._drive(key, Event.RELEASE_ORDERED)
+        self._release_soon([key])
 
     def _release_soon(self, keys: list[str]) -> None:
         """Release ``keys`` at the voters after ``release_delay`` (or once a successor's
@@ -361,6 +416,12 @@ class VipService(Service):
         until = self._quorum_until(key)
         fsm = self.fsm[key]
         if key not in self.mine():
+            if fsm.state == State.HANDING_OVER and until <= now:
+                # the next owner did not ask before our lease ran out: it lapses as any other
+                self.log.info("%s: lease ran out before the next owner asked for the handover", key)
+                self._drive(key, Event.LEASE_EXPIRED)
+                self._fence(key)
+                self.loop.create_task(self._release_everywhere([key]))
             return
         if until > now:
             if fsm.state == State.RELEASED:
@@ -580,7 +641,7 @@ class VipService(Service):
     async def _publish_status(self) -> None:
         await self.publish("vip.status", {"node": self.member.name, "held": self.held(),
                                           "states": {k: f.state.value for k, f in self.fsm.items()},
-                                          "load": len(self.held()), "time": time.time(),
+                                          "load": len(self.held()), "time": time.time(), "ready": self.ready,
                                           "dry_run": bool(getattr(self.plumber, "dry_run", False))})
 
     async def _reconcile_loop(self) -> None:
@@ -606,7 +667,8 @@ class VipService(Service):
             return
         for key in held:
             # a status sent before we acquired may still be in flight during a graceful move
-            if key in self.fsm and self.fsm[key].state == State.OWNED and sent > self.acquired_at.get(key, 0) + 0.05:
+            if (key in self.fsm and self.fsm[key].state in (State.OWNED, State.HANDING_OVER)
+                    and sent > self.acquired_at.get(key, 0) + 0.05):
                 self._drive(key, Event.OTHER_OWNER_SEEN)
 
     def rpc_status(self) -> dict:
@@ -615,5 +677,8 @@ class VipService(Service):
                 "states": {k: f.state.value for k, f in self.fsm.items()},
                 "assignment": {"term": self.assignment.get("term"), "owners": self.assignment.get("owners")},
                 "lease_left": {k: round(max(0.0, self._quorum_until(k) - now), 3) for k in self.specs},
+                # which voters' promises we count (seconds left) and which wait for a handover
+                "promises": {k: {"counted": {v: round(e - now, 3) for v, (e, _) in b.counted.items() if e > now},
+                                 "pending": sorted(b.pending)} for k, b in self.books.items()},
                 "counters": self.counters, "dry_run": bool(getattr(self.plumber, "dry_run", False)),
                 "acquired_at": self.acquired_at, "released_at": self.released_at}

@@ -401,11 +401,14 @@ class Lab:
 
     # -- addresses -----------------------------------------------------------------------------
 
-    def addresses(self, i: int) -> set[str]:
-        """IPv4 addresses currently on member `i`'s eth0."""
+    def addresses(self, i: int, ifname: str = _IFACE) -> set[str]:
+        """IPv4 addresses currently on member `i`'s eth0 (or `ifname`; none when it has no such
+        interface)."""
         self._check_up()
         with _open_ns(self.member_ns(i)) as ipr:
-            return _ipv4_addresses(ipr, _link_index(ipr, _IFACE))
+            if ifname != _IFACE and not ipr.link_lookup(ifname=ifname):
+                return set()
+            return _ipv4_addresses(ipr, _link_index(ipr, ifname))
 
     def add_address(self, i: int, address: str, prefixlen: int = 32) -> None:
         """Add `address`/`prefixlen` to member `i`'s eth0 (e.g. to stand in for a VIP)."""

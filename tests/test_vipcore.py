@@ -320,12 +320,34 @@ def test_fsm_table(state, event, outcome, next_state, actions):
 def test_fsm_never_holds_without_a_lease_or_with_lost_quorum():
     for (state, event), (nxt, actions) in TRANSITIONS.items():
         if event in (Event.QUORUM_LOST, Event.LEASE_EXPIRED, Event.RELEASE_ORDERED):
-            assert nxt not in (State.OWNED, State.ACQUIRING), (state, event)
+            assert nxt not in (State.OWNED, State.ACQUIRING, State.HANDING_OVER), (state, event)
             assert Action.PLUMB not in actions
+        if event is Event.REASSIGNED:
+            # an owner keeps serving (without renewing) only if it was serving already
+            assert nxt is State.HANDING_OVER if state is State.OWNED else nxt is state or Action.UNPLUMB in actions
         if Action.PLUMB in actions:
             assert state in (State.RELEASED, State.OWNED) and nxt is State.ACQUIRING
         if nxt is State.OWNED:
-            assert state in (State.ACQUIRING, State.OWNED)
+            assert state in (State.ACQUIRING, State.OWNED, State.HANDING_OVER)
+        if nxt is State.HANDING_OVER:
+            assert state in (State.OWNED, State.HANDING_OVER) and Action.PLUMB not in actions
+
+
+def test_fsm_hand_over_keeps_serving_until_asked():
+    fsm = VipOwnerFSM("10.99.0.100")
+    fsm.handle(Event.LEASE_GRANTED)
+    fsm.handle(Event.PLUMB_DONE)
+    assert fsm.handle(Event.REASSIGNED) == [] and fsm.state is State.HANDING_OVER and fsm.holds
+    assert fsm.handle(Event.REASSIGNED) == []                      # duplicate assignment
+    assert fsm.handle(Event.RELEASE_ORDERED) == [Action.CANCEL_GARP_REPEAT, Action.UNPLUMB]
+    assert not fsm.holds
+    assert fsm.handle(Event.UNPLUMB_DONE) == [Action.REPORT_RELEASED]
+    # the lease running out first unplumbs the same way; the assignment coming back resumes
+    for event, state in ((Event.LEASE_EXPIRED, State.RELEASING), (Event.LEASE_RENEWED, State.OWNED)):
+        fsm = VipOwnerFSM("10.99.0.100", State.OWNED)
+        fsm.handle(Event.REASSIGNED)
+        fsm.handle(event)
+        assert fsm.state is state
 
 
 def test_fsm_acquire_and_graceful_release():
@@ -557,3 +579,68 @@ def test_book_never_counts_an_unconfirmed_successor_or_a_voided_reply(replies, f
         b.take_reply(voter, t_req, granted, after, t_req + delay)
     assert all(after is None for _, after in b.counted.values())    # nothing confirmed
     assert all(e - 0.7 > b.fenced_at - 1e-9 for e, _ in b.counted.values())   # asked after the fence (float sums)
+
+
+# --------------------------------------------------------------------------- owners that cannot hold
+
+from node.vipcore import HoldRecord  # noqa: E402
+
+VIP_A = "10.99.0.100"
+
+
+def hold_record() -> HoldRecord:
+    return HoldRecord(struggle_after=2.0, window=60.0, lapses=2, penalty=10.0, penalty_max=120.0)
+
+
+def test_hold_record_never_holding_in_time_is_a_penalty_at_once():
+    r = hold_record()
+    assert r.observe(VIP_A, "n1", False, 100.0) is None          # just assigned
+    assert r.observe(VIP_A, "n1", False, 101.9) is None          # still within struggle_after
+    assert r.observe(VIP_A, "n1", False, 102.1) == 10.0
+    assert r.avoid(105.0) == {VIP_A: {"n1"}}
+    assert r.avoid(112.2) == {}
+
+
+def test_hold_record_losing_it_twice_within_the_window():
+    r = hold_record()
+    r.observe(VIP_A, "n1", False, 0.0)
+    r.observe(VIP_A, "n1", True, 0.5)
+    assert r.observe(VIP_A, "n1", False, 30.0) is None           # one lapse: a blip
+    assert r.observe(VIP_A, "n1", True, 30.2) is None
+    assert r.observe(VIP_A, "n1", False, 95.0) is None           # the first is out of the window
+    r.observe(VIP_A, "n1", True, 95.1)
+    assert r.observe(VIP_A, "n1", False, 96.0) == 10.0           # second within 60 s
+    assert r.avoid(96.0) == {VIP_A: {"n1"}}
+
+
+def test_hold_record_moves_and_unknown_reports_count_nothing():
+    r = hold_record()
+    r.observe(VIP_A, "n1", True, 0.0)
+    assert r.observe(VIP_A, "n2", False, 1.0) is None            # a move starts afresh
+    assert r.observe(VIP_A, "n2", None, 50.0) is None            # no fresh report: nothing learnt
+    assert r.observe(VIP_A, "n2", True, 50.1) is None
+    assert r.observe(VIP_A, None, None, 60.0) is None
+    assert r.avoid(60.0) == {}
+
+
+def test_hold_record_penalty_doubles_when_it_happens_again_soon():
+    r = hold_record()
+    r.observe(VIP_A, "n1", False, 0.0)
+    assert r.observe(VIP_A, "n1", False, 2.0) == 10.0
+    r.observe(VIP_A, "n2", True, 2.1)
+    r.observe(VIP_A, "n1", False, 12.1)                           # back to n1 after the penalty
+    assert r.observe(VIP_A, "n1", False, 14.2) == 20.0
+    r.observe(VIP_A, "n2", True, 14.3)
+    r.observe(VIP_A, "n1", False, 500.0)                          # long after: from the base again
+    assert r.observe(VIP_A, "n1", False, 502.1) == 10.0
+
+
+def test_assign_vips_passes_over_avoided_nodes_unless_nobody_else_or_pinned():
+    vips = [VipSpec(address=f"{VIP_A}/24", interface="eth0", preference="n1")]
+    assert assign_vips(vips, ["n1", "n2"], {}, set(), {}, {}, {VIP_A: {"n1"}}) == {VIP_A: "n2"}
+    assert assign_vips(vips, ["n1", "n2"], {}, set(), {}, {VIP_A: "n1"}, {VIP_A: {"n1"}}) == {VIP_A: "n2"}
+    assert assign_vips(vips, ["n1"], {}, set(), {}, {}, {VIP_A: {"n1"}}) == {VIP_A: "n1"}
+    assert assign_vips(vips, ["n1", "n2"], {}, set(), {VIP_A: "n1"}, {}, {VIP_A: {"n1"}}) == {VIP_A: "n1"}
+    follower = VipSpec(address="10.99.0.101/24", interface="eth0", follow=VIP_A)
+    assert assign_vips([*vips, follower], ["n1", "n2", "n3"], {}, set(), {}, {},
+                       {VIP_A: {"n1", "n2"}}) == {VIP_A: "n3", "10.99.0.101": "n3"}

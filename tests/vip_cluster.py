@@ -77,7 +77,7 @@ class LabCluster:
         for v in self.vips:
             lines.append("[[vip]]")
             lines.append(f'address = "{v["address"]}"')
-            lines.append('interface = "eth0"')
+            lines.append(f'interface = "{v.get("interface", "eth0")}"')
             for k in ("preference", "follow", "kind"):
                 if v.get(k):
                     lines.append(f'{k} = "{v[k]}"')
@@ -90,10 +90,13 @@ class LabCluster:
         self.path = path
         return path
 
-    def start(self) -> "LabCluster":
+    def start(self, prepare=None) -> "LabCluster":
+        """Bring the lab up, call ``prepare(self)`` (e.g. to add interfaces), start every member."""
         try:
             self.lab.up()
             self.write_cluster()
+            if prepare is not None:
+                prepare(self)
             for name in self.names:
                 if name.startswith("n"):
                     self.lab.popen(self.ns(name), [PYTHON, str(WHOAMI_SCRIPT), name, str(WHOAMI_PORT)],
@@ -202,7 +205,8 @@ class LabCluster:
         out = {}
         for v in self.vips:
             ip = v["address"].split("/")[0]
-            out[ip] = [n for n in self.names if n.startswith("n") and ip in self.lab.addresses(self.index(n))]
+            ifname = v.get("interface", "eth0")
+            out[ip] = [n for n in self.names if n.startswith("n") and ip in self.lab.addresses(self.index(n), ifname)]
         return out
 
     def wait_settled(self, timeout: float = 20, expect: dict[str, str] | None = None) -> dict:

@@ -83,6 +83,7 @@ else
   run mutant-renew fail "-m20000000 -w26" -DMUTANT_RENEW
   run mutant-nohandover fail "-m20000000 -w26" -DMUTANT_NOHANDOVER
   run mutant-short fail "-m20000000 -w26" -DMUTANT_SHORT
+  run mutant-answer-plumbed fail "-m20000000 -w26" -DMUTANT_ANSWER_PLUMBED
   run code-before-fix-lapse-fence fail "-m20000000 -w26" -DNO_FENCE_LAPSE
   run code-before-fix-handover-fence fail "-m20000000 -w26" -DNO_FENCE_HANDOVER
   run code-before-fix-epoch-confirm fail "-m20000000 -w26" -DEPOCH_CONFIRM

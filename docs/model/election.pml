@@ -29,7 +29,9 @@
  *                                             the next tick (the timer's margin)
  *   _probe_clear (RFC 5227 ARP probe)         in NODE_PLUMB: answered by a crashed node's
  *                                             address only (no credit against live holders)
- *   _take_assignment                          NODE_VIEW
+ *   _take_assignment                          NODE_VIEW (an owner reassigned keeps the
+ *                                             address, uncounted renewals, until asked for
+ *                                             the handover or its count runs out)
  *   node.vipcore.LeaseBook (the node's book)  cnt/csucc (counted), pend (successor promises
  *                                             awaiting a confirmation), forget_promises (fence)
  *   handle_init of vip (removes the address)  NODE_RESTART
@@ -71,6 +73,7 @@
  *   -DMUTANT_RENEW    a holder may renew while a successor exists
  *   -DMUTANT_NOHANDOVER  successor promises count without the holder's confirmation
  *   -DMUTANT_SHORT    voters promise for PV = L (no margin)
+ *   -DMUTANT_ANSWER_PLUMBED  a handing-over holder confirms the handover before it unplumbs
  * -DNO_CRASHES and -DNO_ORPHANS leave those events out: a smaller space, for finding short
  * counterexamples with a breadth-first search (-DBFS) and for the quick test.
  * ====================================================================================== */
@@ -287,9 +290,21 @@ inline promote(v) {
 #else
 #define HOLDER_FENCE(h) forget_promises(h)
 #endif
+/* A holder whose assignment names the other node (handing over) unplumbs when asked, then
+   answers; one still assigned the address does not answer (it waits for the assignment).
+   MUTANT_ANSWER_PLUMBED: it answers first and keeps the address (must fail). */
+#ifdef MUTANT_ANSWER_PLUMBED
+#define UNPLUMB_TO_ANSWER(h) skip
+#else
+#define UNPLUMB_TO_ANSWER(h) lapse(h)
+#endif
 #define HANDOVER(n) \
-  :: d_step { MINE(n) && WANTS_HANDOVER(n) && nalive[OTHER(n)] && !plumbed[OTHER(n)] -> \
-       printf("%c asks %c for the handover: %c does not hold the address, confirms\n", 'A' + n, 'A' + OTHER(n), 'A' + OTHER(n)); \
+  :: d_step { MINE(n) && WANTS_HANDOVER(n) && nalive[OTHER(n)] && (!plumbed[OTHER(n)] || !mine[OTHER(n)]) -> \
+       if \
+       :: plumbed[OTHER(n)] -> printf("%c asks %c for the handover: %c (handing over) unplumbs, releases, confirms\n", 'A' + n, 'A' + OTHER(n), 'A' + OTHER(n)); \
+          UNPLUMB_TO_ANSWER(OTHER(n)) \
+       :: else -> printf("%c asks %c for the handover: %c does not hold the address, confirms\n", 'A' + n, 'A' + OTHER(n), 'A' + OTHER(n)) \
+       fi; \
        HOLDER_FENCE(OTHER(n)); CONFIRM(n) }
 
 /* ---- node n plumbs: _evaluate with a majority. The ARP probe and the plumb are one
@@ -316,9 +331,12 @@ inline promote(v) {
 #define NODE_VIEW(n) \
   :: d_step { nalive[n] -> \
        if \
-       :: mine[n] -> \
-          printf("%c's assignment now names the other node: unplumb, release\n", 'A' + n); \
-          mine[n] = 0; plumbed[n] = 0; release_all(n); forget_promises(n); NEW_EPOCH(n) \
+       :: mine[n] && plumbed[n] -> \
+          printf("%c's assignment now names the other node: keeps serving until asked (or its lease lapses)\n", 'A' + n); \
+          mine[n] = 0; NEW_EPOCH(n) \
+       :: mine[n] && !plumbed[n] -> \
+          printf("%c's assignment now names the other node: release\n", 'A' + n); \
+          mine[n] = 0; release_all(n); forget_promises(n); NEW_EPOCH(n) \
        :: else -> \
           printf("%c's assignment now names %c\n", 'A' + n, 'A' + n); \
           mine[n] = 1; NEW_EPOCH(n) \

@@ -39,13 +39,15 @@ def vip_rows(st: dict) -> list[dict]:
     """Rows for ``vip list``. Pure."""
     return [{"address": r["address"], "kind": r["kind"], "owner": r["owner"], "state": r["state"],
              "holders": r["holders"], "candidates": r["candidates"], "preference": r["preference"],
-             "follow": r["follow"], "pinned": r["pinned"], "settled_for": r["settled_for"]}
+             "follow": r["follow"], "pinned": r["pinned"], "settled_for": r["settled_for"],
+             "avoided": r.get("avoided") or {}}
             for r in st.get("vips", [])]
 
 
 @app.command("list")
 def vip_list(config: ConfigOpt = None, json_: JsonOpt = False):
-    """List every VIP: owner, candidates, state (owned/unsafe/broken/unowned), seconds settled.
+    """List every VIP: owner, candidates, state (owned/unsafe/broken/unowned), seconds settled,
+    and nodes passed over for it because they could not keep it (seconds left).
 
     Example: ecluster vip list -c cluster.toml --json
     """
@@ -58,11 +60,12 @@ def vip_list(config: ConfigOpt = None, json_: JsonOpt = False):
     from rich.console import Console
     from rich.table import Table
     t = Table(title=f"VIPs of {cluster.name} (coordinator {st.get('leader') or 'none'}, term {st.get('term')})")
-    for col in ("address", "kind", "owner", "state", "candidates", "preference", "settled (s)"):
+    for col in ("address", "kind", "owner", "state", "candidates", "preference", "settled (s)", "passed over"):
         t.add_column(col)
     for r in rows:
         t.add_row(r["address"], r["kind"], r["owner"] or "-", r["state"], ",".join(r["candidates"]),
-                  r["preference"] or (f"follows {r['follow']}" if r["follow"] else "-"), f"{r['settled_for']:.1f}")
+                  r["preference"] or (f"follows {r['follow']}" if r["follow"] else "-"), f"{r['settled_for']:.1f}",
+                  ", ".join(f"{n} ({left:.0f} s)" for n, left in r["avoided"].items()) or "-")
     Console().print(t)
 
 
