@@ -322,7 +322,17 @@ def bus_events(cluster, children: Children, n: int, batch: int, rep: int) -> tup
             elif topic == t + "end":
                 done.set()
 
+        async def on_batch(topic, bodies, env):
+            # counted per batch, as the raw subscriber counts len(body) of each message
+            state["seen"] = time.monotonic()
+            if topic == t + "ev":
+                if not state["count"]:
+                    state["first"] = time.perf_counter()
+                state["count"] += len(bodies)
+                state["last"] = time.perf_counter()
+
         sub.on_event = on_event
+        sub.on_batch = on_batch
         sub.start()
         while not done.is_set() and time.monotonic() - state["seen"] < 5:
             try:

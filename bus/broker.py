@@ -70,6 +70,7 @@ from bus import envelope as ch
 from bus import keys as keymod
 from bus import transport
 from ecluster.clusterfile import Cluster, Member
+from ecluster.timing import raise_priority
 
 log = logging.getLogger("ecluster.broker")
 
@@ -701,19 +702,6 @@ class Broker:
         if not isinstance(public, str) or names.get(public.encode()) != member:
             raise ValueError(f"{public!r} is not one of {member}'s keys in the key directory (reload_keys first?)")
         return member, public.encode()
-
-
-#: the niceness of the time-critical processes: the broker and the membership, election
-#: and vip services (a lease renewal starved of CPU by mail work is a false failover)
-CRITICAL_NICENESS = -10
-
-
-def raise_priority() -> None:
-    """Ask the kernel for a better CPU priority; without the right (not root), carry on."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, CRITICAL_NICENESS)
-    except OSError:
-        pass
 
 
 def serve(cluster: Cluster, member: str) -> None:

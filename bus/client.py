@@ -43,6 +43,8 @@ log = logging.getLogger("ecluster.bus")
 #: answers a request: returns the result, or an awaitable of it (an ``async def`` handler)
 RequestHandler = Callable[[ch.Envelope], Any]
 EventHandler = Callable[[str, Any, ch.Envelope], Awaitable[None]]
+#: (topic, bodies, envelope) of one publish_many: a consumer of batches takes them whole
+BatchHandler = Callable[[str, list, ch.Envelope], Awaitable[None]]
 
 
 class BusError(RuntimeError):
@@ -156,6 +158,8 @@ class AsyncClient:
         self.pending: dict[str, asyncio.Future] = {}
         self.on_request: RequestHandler | None = None
         self.on_event: EventHandler | None = None
+        # when set, a publish_many batch goes here in one call; else on_event gets each body
+        self.on_batch: BatchHandler | None = None
         self.malformed = 0
         self.late = 0
         self._tasks: list[asyncio.Task] = []
@@ -342,6 +346,12 @@ class AsyncClient:
                     raise ch.BadMessage("not an event")
             except ch.BadMessage:
                 self.malformed += 1
+                continue
+            if env.batch and self.on_batch is not None:
+                try:
+                    await self.on_batch(env.topic, env.body, env)
+                except Exception:
+                    log.exception("batch handler for %s failed", env.topic)
                 continue
             if self.on_event is None:
                 continue

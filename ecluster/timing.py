@@ -45,7 +45,21 @@ the kill-to-takeover time is about D plus one renewal round trip.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
+
+#: the niceness of the time-critical processes: the broker and the membership, election
+#: and vip services (a lease renewal starved of CPU by mail work is a false failover; the
+#: scheduling assumption of docs/ELECTION.md)
+CRITICAL_NICENESS = -10
+
+
+def raise_priority() -> None:
+    """Ask the kernel for CRITICAL_NICENESS; without the right (not root), carry on."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, CRITICAL_NICENESS)
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)

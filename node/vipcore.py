@@ -400,11 +400,15 @@ class HoldRecord:
 
     def observe(self, vip: str, owner: str | None, held: bool | None, now: float) -> float | None:
         """One look at ``vip``: assigned to ``owner``, which holds it (``held``; None: no fresh
-        report, nothing learnt). Returns the penalty's length when one starts now, else None."""
+        report: nothing learnt, and the time until one comes does not count against the
+        owner). Returns the penalty's length when one starts now, else None."""
         if owner != self.owner.get(vip):
             self.owner[vip], self.since[vip], self.held[vip] = owner, now, False
             return None
-        if owner is None or held is None:
+        if owner is None:
+            return None
+        if held is None:                  # no report: the time it takes does not count
+            self.since[vip] = max(self.since[vip], now)
             return None
         if held:
             self.held[vip], self.since[vip] = True, now

@@ -39,7 +39,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from bus import envelope as ch
-from bus.broker import raise_priority
+from ecluster.timing import raise_priority
 from bus.client import AsyncClient, CallTimeout, RemoteError
 from ecluster.clusterfile import Cluster
 

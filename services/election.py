@@ -322,7 +322,17 @@ class ElectionService(Service):
                 del self.alive_since[name]
                 self.ready_at.pop(name, None)
                 self.returned.add(name)         # it went away: when it comes back, anti-flap applies
+        had_majority = self._majority_alive()
         self.view = view
+        if not had_majority and self._majority_alive() and self.role == FOLLOWER and (
+                self.leader is None or now - self.leader_heard >= self.timing.election_timeout):
+            # a majority is back in view (a partition healed, members started) and nobody
+            # leads: stand in name order, one probe interval apart, instead of after a random
+            # election timeout; candidacies then rarely collide (pre-vote keeps it harmless)
+            alive = sorted(v for v in self.voters if v == self.member.name
+                           or members.get(v, {}).get("state") == "alive")
+            soon = now + alive.index(self.member.name) * self.timing.probe_interval
+            self.election_deadline = min(self.election_deadline, soon)
 
     def _take_assignment(self, a: dict, src: str) -> None:
         term = a.get("term")
@@ -393,7 +403,7 @@ class ElectionService(Service):
         """Does each VIP's assigned owner hold it? (vip.status, fresh only); a penalty starts
         when one cannot keep it (node.vipcore.HoldRecord)."""
         owners = self.assignment.get("owners", {}) if self.assignment.get("term") == self.term else {}
-        fresh = self.timing.suspect_after
+        fresh = 3 * self.timing.dead_after            # as for candidates(): a slow link delays reports
         for spec in self.specs:
             if spec.follow:
                 continue                      # followers go wherever their leader goes

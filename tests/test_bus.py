@@ -273,6 +273,7 @@ def test_events_reach_every_member_in_order_single_and_batched(bus3):
     async def scenario():
         ctx = zmq.asyncio.Context()
         got: dict[str, list] = {m: [] for m in MEMBERS}
+        batch_calls: list[int] = []
         subs = []
         for m in MEMBERS:
             c = AsyncClient(cluster, m, f"t:sub:{m}", ctx=ctx)
@@ -281,7 +282,14 @@ def test_events_reach_every_member_in_order_single_and_batched(bus3):
             async def on_event(topic, body, env, m=m):
                 got[m].append((topic, body, env.src))
 
+            async def on_batch(topic, bodies, env, m=m):
+                # the last member takes batches whole: one call per publish_many
+                batch_calls.append(len(bodies))
+                got[m].extend((topic, body, env.src) for body in bodies)
+
             c.on_event = on_event
+            if m == MEMBERS[-1]:
+                c.on_batch = on_batch
             c.start()
             subs.append(c)
         pub = AsyncClient(cluster, "n1", "t:pub", ctx=ctx, subscribe=False)
@@ -310,6 +318,7 @@ def test_events_reach_every_member_in_order_single_and_batched(bus3):
                 assert batch == list(range(100)), f"{m} batch out of order or incomplete"
                 assert {src for _, _, src in got[m]} == {"n1"}
                 assert not any(t == "test.other" for t, _, _ in got[m])
+            assert batch_calls == [100], "a batch handler gets the whole batch in one call"
         finally:
             for c in [pub, *subs]:
                 c.close()

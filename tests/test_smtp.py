@@ -310,6 +310,33 @@ def test_mail_is_spooled_journalled_and_audited(lab):
     wait_until(connections_counted, timeout=15, what="connections window in the audit journal")
 
 
+def test_a_journal_write_that_times_out_is_withdrawn_once_it_lands(lab):
+    """jlog stopped past JOURNAL_TIMEOUT: the client gets 451, nothing is spooled, and when
+    jlog resumes the reception record it then writes is followed by a withdrawal."""
+    import signal
+    rcpt = f"withdrawn-{int(time.time() * 1000)}@example.com"
+    pid = lab.call("n1", "jlog", "ping")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        code, text, refused = send(VIP_A, lab.port, [rcpt], b"Subject: late journal\r\n\r\nx\r\n")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert code == 451 and not refused, text
+
+    def paired():
+        recs = [parse_record(r) for r in lab.read_all("n1", "mainlog")]
+        mine = [i for i, r in enumerate(recs) if r["type"] == "reception" and r.get("rcpt") == [rcpt]]
+        if not mine:
+            return None
+        msg_id = recs[mine[0]]["id"]
+        after = [r for r in recs[mine[0] + 1:] if r["type"] == "withdrawn" and r["id"] == msg_id]
+        return (msg_id, len(mine), after) if after else None
+    msg_id, receptions, withdrawals = wait_until(paired, timeout=30, what="reception record, then its withdrawal")
+    assert receptions == 1 and withdrawals[0]["reason"] == "journal write timed out"
+    assert not (lab.spool_dir("n1") / f"{msg_id}.eml").exists(), "a 451'd message must not be spooled"
+    assert lab.smtp_status("n1")["counters"]["withdrawn"] >= 1
+
+
 def test_refusals_count_as_rejects(lab):
     before = lab.smtp_status("n2")["counters"]
     code, _, refused = send(VIP_B, lab.port, ["someone@elsewhere.org"], b"Subject: x\r\n\r\nx\r\n")

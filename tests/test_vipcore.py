@@ -617,8 +617,9 @@ def test_hold_record_moves_and_unknown_reports_count_nothing():
     r = hold_record()
     r.observe(VIP_A, "n1", True, 0.0)
     assert r.observe(VIP_A, "n2", False, 1.0) is None            # a move starts afresh
-    assert r.observe(VIP_A, "n2", None, 50.0) is None            # no fresh report: nothing learnt
-    assert r.observe(VIP_A, "n2", True, 50.1) is None
+    assert r.observe(VIP_A, "n2", None, 50.0) is None            # no fresh report: nothing learnt,
+    assert r.observe(VIP_A, "n2", False, 51.0) is None           # and the wait does not count
+    assert r.observe(VIP_A, "n2", True, 51.1) is None
     assert r.observe(VIP_A, None, None, 60.0) is None
     assert r.avoid(60.0) == {}
 

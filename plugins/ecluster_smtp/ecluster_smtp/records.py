@@ -6,6 +6,15 @@
     {"type": "reception", "time", "id", "node", "vip", "port", "peer", "helo", "from",
      "rcpt": [...], "size", "spool"}
 
+  and a *withdrawal* when a reception record is (or may yet be) journalled although the
+  client got 451 (the journal write timed out, or the spool commit failed after it)::
+
+    {"type": "withdrawn", "time", "id", "node", "reason"}
+
+  A reader pairs them by ``id``: a withdrawn message is not in any spool (the client sends
+  it again). A withdrawal may come without its reception record (the write never landed)
+  and may come twice; both mean the same.
+
 * the plug-in's own log (``[services.smtp].log``, default ``smtplog``) gets session
   events, written in the background: ``connect``, ``reject`` (with ``stage``: rcpt, data,
   size), ``accept``, ``disconnect``.
@@ -29,6 +38,11 @@ def reception_record(*, msg_id: str, node: str, vip: str, port: int, peer: str, 
     return _dump({"type": "reception", "time": round(at, 6), "id": msg_id, "node": node, "vip": vip,
                   "port": port, "peer": peer, "helo": helo, "from": mail_from, "rcpt": list(rcpts),
                   "size": size, "spool": spool})
+
+
+def withdrawal_record(*, msg_id: str, node: str, reason: str, at: float) -> bytes:
+    """The mainlog record voiding the reception record ``msg_id`` (the client got 451). Pure."""
+    return _dump({"type": "withdrawn", "time": round(at, 6), "id": msg_id, "node": node, "reason": reason})
 
 
 def session_record(event: str, *, node: str, at: float, **fields: Any) -> bytes:

@@ -33,7 +33,10 @@ How it behaves:
   directory fsynced. Only then is the client answered ``250``. So every message in a
   spool has its reception record, even after a kill -9 at any point. If the journal
   write fails the staged file is dropped and the client gets ``451`` (it retries,
-  possibly on another node after a failover).
+  possibly on another node after a failover). A write that timed out may still land, and
+  a commit can fail after it: then a ``withdrawn`` record for the message id follows in
+  the mainlog (sent in the background until the journal takes it), so no reader takes
+  the reception record for a message that was accepted.
 * **Audit.** Every connection counts one ``connections`` event for the client address in
   as_logger; every refused recipient or message one ``rejects`` event. Session events go
   to the plug-in's own log. Both are sent in batches in the background; an audit batch
@@ -58,14 +61,14 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
-from bus.client import BusError, RemoteError
+from bus.client import BusError, CallTimeout, RemoteError
 from ecluster.clusterfile import NAME_RE, ClusterFileError
 from node.vipcore import vip_key
 from services.base import Service
 from services.jlog import log_names
 
 from ecluster_smtp.audit import AuditOutbox
-from ecluster_smtp.records import reception_record, session_record
+from ecluster_smtp.records import reception_record, session_record, withdrawal_record
 from ecluster_smtp.spool import Spool, new_message_id, spool_bytes
 
 MAINLOG = "mainlog"
@@ -83,6 +86,8 @@ FLUSH_TIMEOUT = 10.0
 MAX_PENDING_AUDIT = 100_000
 MAX_PENDING_RECORDS = 50_000
 SESSION_TIMEOUT = 120.0
+#: a withdrawal record is tried this many times, a second apart after each failure
+WITHDRAW_ATTEMPTS = 60
 _DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 
 
@@ -280,8 +285,9 @@ class SmtpService(Service):
         self._flush_task: asyncio.Task | None = None   # the background flush (a reference keeps it alive)
         self.counters = {"connections": 0, "accepted": 0, "rejected": 0, "temp_failures": 0,
                          "bytes_accepted": 0, "listener_starts": 0, "listener_stops": 0,
-                         "audit_dropped": 0, "audit_resent": 0, "records_dropped": 0}
+                         "audit_dropped": 0, "audit_resent": 0, "records_dropped": 0, "withdrawn": 0}
         self.spooled = 0
+        self._withdrawals: set[asyncio.Task] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -473,6 +479,8 @@ class SmtpService(Service):
             # not durable as a whole: drop the staged file so a retry is not a duplicate
             self.log.error("reception record of %s not journalled (%s): dropping it", msg_id, e)
             await self._discard(msg_id)
+            if isinstance(e, CallTimeout):       # it may still land: void it
+                self._withdraw_soon(msg_id, "journal write timed out")
             self.counters["temp_failures"] += 1
             self.note_reject(s, "data", "451 journal write failed")
             return "451 4.3.0 Cannot journal the message now; try again later"
@@ -483,6 +491,7 @@ class SmtpService(Service):
             # client retries, so nothing is lost
             self.log.error("cannot commit %s to the spool after journalling it: %s", msg_id, e)
             await self._discard(msg_id)
+            self._withdraw_soon(msg_id, "spool commit failed")
             self.counters["temp_failures"] += 1
             self.note_reject(s, "data", "451 spool commit failed")
             return "451 4.3.0 Cannot store the message now; try again later"
@@ -491,6 +500,26 @@ class SmtpService(Service):
         self.spooled += 1
         self._record("accept", vip=s.vip, peer=peer, id=msg_id, size=len(message), rcpts=len(envelope.rcpt_tos))
         return f"250 2.0.0 OK queued as {msg_id}"
+
+    def _withdraw_soon(self, msg_id: str, reason: str) -> None:
+        """Journal, in the background, that the reception record of ``msg_id`` is void."""
+        task = asyncio.get_running_loop().create_task(self._withdraw(msg_id, reason))
+        self._withdrawals.add(task)                   # strong ref: the loop keeps weak ones
+        task.add_done_callback(self._withdrawals.discard)
+
+    async def _withdraw(self, msg_id: str, reason: str) -> None:
+        record = withdrawal_record(msg_id=msg_id, node=self.member.name, reason=reason, at=time.time())
+        last: Exception | None = None
+        for _ in range(WITHDRAW_ATTEMPTS):
+            try:
+                # queued behind the reception write if that one is still on its way
+                await self.call(None, "jlog", "write", timeout=JOURNAL_TIMEOUT, log=MAINLOG, records=[record])
+                self.counters["withdrawn"] += 1
+                return
+            except BusError as e:
+                last = e
+                await asyncio.sleep(1.0)
+        self.log.error("withdrawal of %s not journalled after %d attempts: %s", msg_id, WITHDRAW_ATTEMPTS, last)
 
     async def _discard(self, msg_id: str) -> None:
         try:
