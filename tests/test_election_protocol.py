@@ -101,8 +101,10 @@ class EpochConfirmBook(LeaseBook):
 
 class Node:
     """A node as services/vip.py runs it, without sockets: its promises are kept by the real
-    node.vipcore.LeaseBook; it holds while they make a majority, and on a lapse or when its
-    assignment moves on it unplumbs, fences and owes the voters a release carrying the fence."""
+    node.vipcore.LeaseBook; it holds while they make a majority. On a lapse it unplumbs,
+    fences and owes the voters a release carrying the fence; when its assignment moves on
+    it keeps the address (HANDING_OVER, no renewals) until the next owner's handover
+    request or the lapse, and gives it up the same way."""
 
     def __init__(self, name, lease, quorum, book=LeaseBook):
         self.name, self.lease, self.quorum = name, lease, quorum
@@ -246,7 +248,23 @@ def test_a_release_without_its_fence_is_caught(world, monkeypatch):
         run_steps(world, RELEASE_OVERTAKEN)
 
 
-def run_steps(world, steps, book=LeaseBook):
+# n1 holds; the assignment moves to n2, which gets successor promises from every voter and
+# asks n1 for the handover while n1 is still serving (HANDING_OVER).
+HANDOVER_WHILE_SERVING = [
+    ("assign", "n1", ALL), ("learn", "n1"), ("ask", "n1", ALL), ("assign", "n2", ALL), ("learn", "n1"),
+    ("learn", "n2"), ("ask", "n2", ALL), ("handover_send", "n2", "n1"), ("handover_answer", "n2", "n1"),
+    ("ask", "n2", ALL),
+]
+
+
+def test_a_serving_owner_answers_the_handover_only_after_unplumbing(world):
+    run_steps(world, HANDOVER_WHILE_SERVING)
+    # the rule broken on purpose (-DMUTANT_ANSWER_PLUMBED in the model): answered, still plumbed
+    with pytest.raises(AssertionError, match="two holders"):
+        run_steps(world, HANDOVER_WHILE_SERVING, answer_plumbed=True)
+
+
+def run_steps(world, steps, book=LeaseBook, answer_plumbed=False):
     fake, cluster, voters, nodes = world
     for v in voters.values():
         v.promises.clear()
@@ -258,9 +276,10 @@ def run_steps(world, steps, book=LeaseBook):
     latest = None
 
     def settle():
-        # every node acts on its own clock: unplumb at expiry, stop when not assigned
+        # every node acts on its own clock: unplumb at expiry (a reassigned owner keeps the
+        # address until then, or until the next owner asks for the handover)
         for n in nodes.values():
-            if n.holding and (not n.wants or n.valid_until() <= fake.now):
+            if n.holding and n.valid_until() <= fake.now:
                 n.holding = False
                 n.fence_and_release(fake.now)      # the releases travel separately ("release" steps)
         for n in nodes.values():
@@ -289,8 +308,7 @@ def run_steps(world, steps, book=LeaseBook):
             n = nodes[s[1]]
             wanted = n.name == latest
             if wanted != n.wants:
-                if not wanted:
-                    n.holding = False
+                if not wanted and not n.holding:
                     n.fence_and_release(fake.now)
                 elif hasattr(n.book, "new_epoch"):
                     n.book.new_epoch()
@@ -313,6 +331,11 @@ def run_steps(world, steps, book=LeaseBook):
                 asker.handover_asked[holder.name] = fake.now
         elif s[0] == "handover_answer":                # the holder answers once it does not hold
             asker, holder = nodes[s[1]], nodes[s[2]]
+            if answer_plumbed and holder.name in asker.handover_asked and holder.holding and not holder.wants:
+                asker.book.confirm(holder.name, asker.handover_asked.pop(holder.name))
+            if holder.name in asker.handover_asked and holder.holding and not holder.wants:
+                holder.holding = False                 # handing over: unplumb, then answer
+                holder.fence_and_release(fake.now)
             if holder.name in asker.handover_asked and not holder.holding:
                 asked_at = asker.handover_asked.pop(holder.name)
                 holder.book.fence(fake.now)
