@@ -1,7 +1,8 @@
 """Soak: the lab cluster for N minutes with both cores busy; count false failovers.
 
 A false failover is any change of a VIP's holder while no fault was injected (nothing is
-killed or cut here). Also reports the largest resident-memory growth per service between
+killed or cut here). A lapse (the VIP unheld for a while, then back on the same node) is
+no failover but an outage all the same: counted apart, with the longest. Also reports the largest resident-memory growth per service between
 the first and the last minute, and the holders invariant.
 
     sudo .venv/bin/python bench/soak.py --minutes 10 --preset lan
@@ -79,20 +80,28 @@ def soak(minutes: float, preset: str) -> dict:
             last_rss = rss
         sampler.stop()
         # holder changes, from the sampler's ground truth
-        changes = {}
+        changes, lapses, longest_unheld = {}, {}, 0.0
         for vip in ("10.99.0.100", "10.99.0.101"):
-            prev, n = None, 0
-            for _, holders in sampler.samples:
+            prev, n, gone = None, 0, 0
+            unheld_since = None
+            for t, holders in sampler.samples:
                 h = tuple(holders[vip])
                 if h and prev is not None and h != prev:
                     n += 1
+                if not h and prev is not None and unheld_since is None:
+                    unheld_since = t
                 if h:
+                    if unheld_since is not None:
+                        gone += 1
+                        longest_unheld = max(longest_unheld, t - unheld_since)
+                        unheld_since = None
                     prev = h
-            changes[vip] = n
+            changes[vip], lapses[vip] = n, gone
             owners_seen.append(prev)
         growth = {k: last_rss.get(k, 0) - v for k, v in (first_rss or {}).items()}
         return {"preset": preset, "minutes": minutes, "false_failovers": sum(changes.values()),
-                "changes_per_vip": changes, "max_holders": max(sampler.max_holders(v) for v in changes),
+                "changes_per_vip": changes, "unheld_spells": sum(lapses.values()),
+                "longest_unheld_s": round(longest_unheld, 3), "max_holders": max(sampler.max_holders(v) for v in changes),
                 "samples": len(sampler.samples),
                 "rss_growth_kb_max": max(growth.values()) if growth else None,
                 "rss_growth_kb": growth, "rss_last_kb": last_rss}
@@ -112,10 +121,11 @@ def main() -> int:
         print("soak: needs root (network namespaces)", file=sys.stderr)
         return 2
     results = [soak(a.minutes, p) for p in (a.preset or ["lan"])]
-    print(f"{'preset':8} {'minutes':>7} {'false failovers':>16} {'max holders':>12} {'max RSS growth (kB)':>20}")
+    print(f"{'preset':8} {'minutes':>7} {'false failovers':>16} {'unheld spells':>14} {'longest (s)':>12} "
+          f"{'max holders':>12} {'max RSS growth (kB)':>20}")
     for r in results:
-        print(f"{r['preset']:8} {r['minutes']:7.1f} {r['false_failovers']:16d} {r['max_holders']:12d} "
-              f"{str(r['rss_growth_kb_max']):>20}")
+        print(f"{r['preset']:8} {r['minutes']:7.1f} {r['false_failovers']:16d} {r['unheld_spells']:14d} "
+              f"{r['longest_unheld_s']:12.3f} {r['max_holders']:12d} {str(r['rss_growth_kb_max']):>20}")
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
     bad = any(r["max_holders"] > 1 for r in results) or results[0]["false_failovers"] > 0
