@@ -419,25 +419,27 @@ class VipService(Service):
             if fsm.state == State.HANDING_OVER and until <= now:
                 # the next owner did not ask before our lease ran out: it lapses as any other
                 self.log.info("%s: lease ran out before the next owner asked for the handover", key)
-                self._drive(key, Event.LEASE_EXPIRED)
-                self._fence(key)
-                self.loop.create_task(self._release_everywhere([key]))
+                self._lapse(key)
             return
         if until > now:
             if fsm.state == State.RELEASED:
                 if not self._probe_clear(key, now):
                     return
                 self._drive(key, Event.LEASE_GRANTED)
-            elif fsm.state in (State.OWNED, State.ACQUIRING):
-                fsm.handle(Event.LEASE_RENEWED)
+            elif fsm.state in (State.OWNED, State.ACQUIRING, State.HANDING_OVER):
+                fsm.handle(Event.LEASE_RENEWED)      # HANDING_OVER: assigned back, owner again
                 self._refresh_lifetime(key, now)
             self._arm_expiry(key, until)
         elif fsm.holds:
             self.counters["expired"] += 1
             self.log.warning("%s: lease lapsed (no majority of promises), unplumbing", key)
-            self._drive(key, Event.LEASE_EXPIRED)
-            self._fence(key)
-            self.loop.create_task(self._release_everywhere([key]))
+            self._lapse(key)
+
+    def _lapse(self, key: str) -> None:
+        """Our count ran out: unplumb, fence, release everywhere."""
+        self._drive(key, Event.LEASE_EXPIRED)
+        self._fence(key)
+        self.loop.create_task(self._release_everywhere([key]))
 
     def _refresh_lifetime(self, key: str, now: float) -> None:
         """Push the kernel's own expiry of the address forward (at most twice a second)."""
@@ -656,8 +658,9 @@ class VipService(Service):
                 if present and not fsm.holds and fsm.state != State.RELEASING:
                     self.log.warning("%s found plumbed without a lease: removing", key)
                     self._drive(key, Event.FOUND_PLUMBED_UNEXPECTEDLY)
-                elif not present and fsm.state == State.OWNED:
-                    self.log.warning("%s missing from %s although owned: plumbing again", key, spec.interface)
+                elif not present and fsm.state in (State.OWNED, State.HANDING_OVER):
+                    self.log.warning("%s missing from %s although held: %s", key, spec.interface,
+                                     "plumbing again" if fsm.state == State.OWNED else "handed over already")
                     self._drive(key, Event.FOUND_MISSING)
 
     async def _check_other(self, node: str, body: dict) -> None:
