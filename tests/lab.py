@@ -39,12 +39,40 @@ from ecluster.labnet import (MARKER_DIR, NETNS_DIR, LabNetError, cleanup_stale, 
                              make_prefix, validate_subnet)
 from probe_analysis import bracketed_holders  # noqa: E402 - tests/ is on sys.path wherever lab is
 
-def _start_sampler_thread(sampler, what: str) -> None:
-    """Start a sampler's thread and wait until it reads (or failed to open its sockets)."""
-    sampler._thread.start()
-    sampler._ready.wait()
-    if sampler.error is not None:
-        raise LabError(f"{what} could not start: {sampler.error}")
+class _SamplerThread:
+    """What both samplers share: checked VIPs and interval, and a background thread that is
+    started (waiting until it reads) and halted the same way. Subclasses define ``_run``."""
+
+    what = "sampler"
+    error: BaseException | None = None
+
+    def _setup_thread(self, vips, interval: float, name: str) -> list[str]:
+        """Check ``vips`` and ``interval``, make the thread; returns the VIPs normalised."""
+        if isinstance(vips, str):
+            raise LabError("vips must be a list of addresses")
+        try:
+            checked = [str(ipaddress.IPv4Address(v)) for v in vips]
+        except ValueError as e:
+            raise LabError(f"bad VIP: {e}") from None
+        if not interval > 0:
+            raise LabError(f"interval must be > 0, got {interval!r}")
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        return checked
+
+    def _start(self) -> None:
+        """Start the thread and wait until it reads (or failed to open its sockets)."""
+        self._thread.start()
+        self._ready.wait()
+        if self.error is not None:
+            raise LabError(f"{self.what} could not start: {self.error}")
+
+    def _halt(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
 
 
 __all__ = [
@@ -565,7 +593,7 @@ class FlapHandle:
 
 
 @dataclass
-class AddressSampler:
+class AddressSampler(_SamplerThread):
     """Samples which member holds which VIP, every `interval` seconds, in a background thread.
 
     Each sample is ``(time.time(), {vip: [member indices holding it]})``; a member holds a
@@ -582,22 +610,10 @@ class AddressSampler:
     error: BaseException | None = None
     arp: "ArpSampler | None" = None   # the client's ARP view, when started with arp=True
 
-    def __post_init__(self):
-        if isinstance(self.vips, str):
-            raise LabError("vips must be a list of addresses")
-        try:
-            self.vips = [str(ipaddress.IPv4Address(v)) for v in self.vips]
-        except ValueError as e:
-            raise LabError(f"bad VIP: {e}") from None
-        if not self.interval > 0:
-            raise LabError(f"interval must be > 0, got {self.interval!r}")
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="address-sampler", daemon=True)
+    what = "address sampler"
 
-    def _start(self) -> None:
-        _start_sampler_thread(self, "address sampler")
+    def __post_init__(self):
+        self.vips = self._setup_thread(self.vips, self.interval, "address-sampler")
 
     def _run(self) -> None:
         handles: list[tuple[int, IPRoute, int]] = []
@@ -643,11 +659,6 @@ class AddressSampler:
             self.samples.append((t, holders))
             self.reads.extend(reads)
             self.pass_durations.append(elapsed)
-
-    def _halt(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
 
     def stop(self) -> None:
         """Stop sampling (and the ARP companion); raise LabError if a sampling thread failed."""
@@ -720,7 +731,7 @@ class AddressSampler:
 
 
 
-class ArpSampler:
+class ArpSampler(_SamplerThread):
     """Asks the wire from the client namespace who answers ARP for each VIP, every `interval` s.
 
     A round broadcasts one ARP probe per VIP on the client's eth0 (RFC 5227: sender IP
@@ -740,15 +751,10 @@ class ArpSampler:
     changes (memory stays small over long runs); ``doubles`` every two-holder round.
     """
 
+    what = "ARP sampler"
+
     def __init__(self, lab: Lab, vips: list[str], interval: float = 0.01):
-        if isinstance(vips, str):
-            raise LabError("vips must be a list of addresses")
-        try:
-            self.vips = [str(ipaddress.IPv4Address(v)) for v in vips]
-        except ValueError as e:
-            raise LabError(f"bad VIP: {e}") from None
-        if not interval > 0:
-            raise LabError(f"interval must be > 0, got {interval!r}")
+        self.vips = self._setup_thread(vips, interval, "arp-sampler")
         self.lab, self.interval = lab, interval
         self.rounds = 0
         self.replies = 0
@@ -759,13 +765,6 @@ class ArpSampler:
         self.client_mac = ""
         self.error: BaseException | None = None
         self._max: dict[str, int] = {v: 0 for v in self.vips}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="arp-sampler", daemon=True)
-
-    def _start(self) -> None:
-        _start_sampler_thread(self, "ARP sampler")
 
     def _open(self) -> socket.socket:
         from node.netlink import ETH_P_ARP, run_in_netns
@@ -844,11 +843,6 @@ class ArpSampler:
                 self._max[v] = max(self._max[v], len(h))
                 if len(h) > 1:
                     self.doubles.append((t, v, list(h)))
-
-    def _halt(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
 
     def stop(self) -> None:
         """Stop sampling; raise LabError if the sampling thread failed."""
