@@ -28,6 +28,25 @@ Shape (every key not listed here is an error naming the key and the file)::
     kind = "injection"       # or "outbound"; default injection
     follow = "10.99.0.101"   # optional: go wherever that VIP goes
 
+    [[check]]                # health checks, run on every node by the health service
+    name = "mta"
+    kind = "tcp"             # "tcp": connect to address:port; "smtp": also read a 220 banner;
+                             # "command": run it (no shell), exit 0 = healthy
+    port = 25                # tcp / smtp
+    address = "127.0.0.1"    # tcp / smtp (default loopback)
+    command = ["/usr/local/bin/check-mta", "--quick"]   # command kind: list, or one string split like a shell
+    interval = 0.5           # seconds between probes
+    timeout = 1.0            # a probe that takes longer failed (a command is killed)
+    fall = 3                 # failed probes in a row before unhealthy
+    rise = 2                 # good probes in a row before healthy again
+    vips = ["10.99.0.100"]   # optional: the VIPs it guards (default: every VIP)
+
+    [hooks]                  # programs run after the fact (the hooks service), never waited for
+    vip = "/usr/local/bin/on-vip"        # on-vip acquire|release ADDRESS/PREFIX
+    config = "/usr/local/bin/on-config"  # on-config applied COMMIT
+    member = "/usr/local/bin/on-member"  # on-member alive|dead MEMBER
+    timeout = 10.0                       # seconds before a hook is killed (and alarmed)
+
 Relative paths are taken relative to the directory of the cluster file. Other
 sections (``[as_logger]``, ``[cidr_server]``, ``[jlog]``, ``[services.<plugin>]``)
 are declared in :data:`SECTIONS` / registered by plug-ins with :func:`register_section`.
@@ -36,6 +55,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +124,38 @@ class Vip:
         return self.address.split("/")[0]
 
 
+CHECK_KINDS = ("tcp", "smtp", "command")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One ``[[check]]``: a probe of a local service that guards some VIPs."""
+
+    name: str
+    kind: str                    # "tcp" | "smtp" | "command"
+    port: int | None = None      # tcp / smtp
+    address: str = "127.0.0.1"   # tcp / smtp
+    command: tuple[str, ...] = ()  # command kind: argv, run without a shell
+    interval: float = 0.5
+    timeout: float = 1.0
+    fall: int = 3
+    rise: int = 2
+    vips: tuple[str, ...] = ()   # bare addresses guarded; empty: every VIP
+
+    def guards(self, vip_ip: str) -> bool:
+        return not self.vips or vip_ip.split("/")[0] in self.vips
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """``[hooks]``: argv prefixes (empty: no hook) and the timeout before a hook is killed."""
+
+    vip: tuple[str, ...] = ()
+    config: tuple[str, ...] = ()
+    member: tuple[str, ...] = ()
+    timeout: float = 10.0
+
+
 @dataclass(frozen=True)
 class Cluster:
     """A parsed, checked cluster file."""
@@ -118,6 +170,8 @@ class Cluster:
     vip_dry_run: bool = False
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     services: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checks: tuple[Check, ...] = ()
+    hooks: Hooks = field(default_factory=Hooks)
 
     @property
     def members(self) -> dict[str, Member]:
@@ -184,6 +238,12 @@ _MANAGER_KEYS = {"address": (str, REQUIRED), "data_dir": (str, None),
                  "logs_root": (str, None)}
 _VIP_KEYS = {"address": (str, REQUIRED), "interface": (str, REQUIRED), "preference": (str, None),
              "kind": (str, "injection"), "follow": (str, None)}
+_CHECK_KEYS = {"name": (str, REQUIRED), "kind": (str, REQUIRED), "port": (int, None),
+               "address": (str, "127.0.0.1"), "command": ((str, list), None),
+               "interval": ((int, float), 0.5), "timeout": ((int, float), 1.0),
+               "fall": (int, 3), "rise": (int, 2), "vips": (list, None)}
+_HOOK_KEYS = {"vip": ((str, list), None), "config": ((str, list), None), "member": ((str, list), None),
+              "timeout": ((int, float), 10.0)}
 
 
 def _zmq_host(address: str) -> str:
@@ -255,7 +315,7 @@ def parse_cluster(text: str, path: Path) -> Cluster:
     except tomllib.TOMLDecodeError as e:
         raise ClusterFileError(f"{path}: invalid TOML: {e}") from None
     base = path.parent
-    allowed = {"cluster", "nodes", "managers", "vip", "services", *SECTIONS}
+    allowed = {"cluster", "nodes", "managers", "vip", "check", "hooks", "services", *SECTIONS}
     for key in raw:
         if key not in allowed:
             raise ClusterFileError(f"{path}: unknown key '{key}'")
@@ -299,6 +359,8 @@ def parse_cluster(text: str, path: Path) -> Cluster:
         raise ClusterFileError(f"{path}: 'vip' must be an array of tables ([[vip]])")
     vips = [_vip(path, i, t, members["node"]) for i, t in enumerate(vips_raw)]
     _check_vip_graph(path, vips)
+    checks = _checks(path, raw.get("check", []), vips)
+    hooks = _hooks(path, raw.get("hooks", {}))
 
     sections = {}
     for name, schema in SECTIONS.items():
@@ -321,7 +383,8 @@ def parse_cluster(text: str, path: Path) -> Cluster:
     keys_dir = _resolve(base, c["keys"])
     return Cluster(path=path, name=c["name"], keys_dir=keys_dir, timing=timing_preset(c["preset"]),
                    nodes=members["node"], managers=members["manager"], vips=vips,
-                   vip_dry_run=c["vip_dry_run"], sections=sections, services=services)
+                   vip_dry_run=c["vip_dry_run"], sections=sections, services=services,
+                   checks=checks, hooks=hooks)
 
 
 def _vip(path: Path, i: int, table: Any, nodes: dict[str, Member]) -> Vip:
@@ -358,6 +421,98 @@ def _check_vip_graph(path: Path, vips: list[Vip]) -> None:
                 raise ClusterFileError(f"{path}: VIP {v.ip}: 'follow' forms a cycle")
             seen.add(cur.follow)
             cur = by_ip[cur.follow]
+
+
+def _argv(path: Path, where: str, value: Any) -> tuple[str, ...]:
+    """A program and its arguments: a list of strings, or one string split as a shell would
+    (no shell runs it). Pure."""
+    if isinstance(value, str):
+        try:
+            argv = shlex.split(value)
+        except ValueError as e:
+            raise ClusterFileError(f"{path}: '{where}' cannot be split into arguments: {e}") from None
+    else:
+        if not all(isinstance(a, str) for a in value):
+            raise ClusterFileError(f"{path}: '{where}' must be a list of strings")
+        argv = list(value)
+    if not argv or not argv[0]:
+        raise ClusterFileError(f"{path}: '{where}' is empty: name a program")
+    if any("\0" in a for a in argv):
+        raise ClusterFileError(f"{path}: '{where}' contains a NUL character")
+    return tuple(argv)
+
+
+def _positive(path: Path, where: str, value: float, at_most: float | None = None) -> float:
+    if not value > 0 or value != value:
+        raise ClusterFileError(f"{path}: '{where}' must be more than 0, got {value!r}")
+    if at_most is not None and value > at_most:
+        raise ClusterFileError(f"{path}: '{where}' must be at most {at_most:g}, got {value!r}")
+    return float(value)
+
+
+def _checks(path: Path, raw: Any, vips: list[Vip]) -> tuple[Check, ...]:
+    if not isinstance(raw, list):
+        raise ClusterFileError(f"{path}: 'check' must be an array of tables ([[check]])")
+    vip_ips = {v.ip for v in vips}
+    out: list[Check] = []
+    for i, table in enumerate(raw):
+        where = f"check[{i}]"
+        t = _check_table(where, path, table, _CHECK_KEYS)
+        name = t["name"]
+        if not NAME_RE.match(name):
+            raise ClusterFileError(f"{path}: '{where}.name' must match {NAME_RE.pattern}, got {name!r}")
+        if any(c.name == name for c in out):
+            raise ClusterFileError(f"{path}: '{where}.name': check {name!r} is defined twice")
+        where = f"check.{name}"
+        kind = t["kind"]
+        if kind not in CHECK_KINDS:
+            raise ClusterFileError(f"{path}: '{where}.kind' must be one of {', '.join(CHECK_KINDS)}, got {kind!r}")
+        port, command = t["port"], ()
+        if kind in ("tcp", "smtp"):
+            if port is None:
+                raise ClusterFileError(f"{path}: missing key '{where}.port' (a {kind} check connects to a port)")
+            _check_port(path, f"{where}.port", port)
+            if t["command"] is not None:
+                raise ClusterFileError(f"{path}: '{where}.command' is only for kind = \"command\"")
+            try:
+                ipaddress.ip_address(t["address"])
+            except ValueError:
+                raise ClusterFileError(f"{path}: '{where}.address' is not an IP address: {t['address']!r}") from None
+        else:
+            if t["command"] is None:
+                raise ClusterFileError(f"{path}: missing key '{where}.command' (a command check runs a program)")
+            if port is not None:
+                raise ClusterFileError(f"{path}: '{where}.port' is only for tcp and smtp checks")
+            command = _argv(path, f"{where}.command", t["command"])
+        interval = _positive(path, f"{where}.interval", t["interval"], 3600)
+        timeout = _positive(path, f"{where}.timeout", t["timeout"], 3600)
+        for k in ("fall", "rise"):
+            if not 1 <= t[k] <= 1000:
+                raise ClusterFileError(f"{path}: '{where}.{k}' must be between 1 and 1000, got {t[k]}")
+        guarded: list[str] = []
+        for v in t["vips"] or []:
+            if not isinstance(v, str):
+                raise ClusterFileError(f"{path}: '{where}.vips' entries must be VIP addresses (strings)")
+            ip = v.split("/")[0]
+            try:
+                ip = str(ipaddress.ip_address(ip))
+            except ValueError:
+                raise ClusterFileError(f"{path}: '{where}.vips' entry {v!r} is not an address") from None
+            if ip not in vip_ips:
+                raise ClusterFileError(f"{path}: '{where}.vips' names {ip}, which is not a [[vip]]")
+            guarded.append(ip)
+        if t["vips"] is not None and not guarded:
+            raise ClusterFileError(f"{path}: '{where}.vips' is empty: leave it out to guard every VIP")
+        out.append(Check(name=name, kind=kind, port=port, address=t["address"], command=command,
+                         interval=interval, timeout=timeout, fall=t["fall"], rise=t["rise"],
+                         vips=tuple(guarded)))
+    return tuple(out)
+
+
+def _hooks(path: Path, raw: Any) -> Hooks:
+    t = _check_table("hooks", path, raw, _HOOK_KEYS)
+    argvs = {k: _argv(path, f"hooks.{k}", t[k]) if t[k] is not None else () for k in ("vip", "config", "member")}
+    return Hooks(timeout=_positive(path, "hooks.timeout", t["timeout"], 3600), **argvs)
 
 
 def _check_sections(path: Path, sections: dict[str, dict[str, Any]]) -> None:
