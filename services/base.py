@@ -18,8 +18,19 @@ with ``await self.offload(fn, ...)``):
                                  plain (not async) ``rpc_`` method is then answered
                                  straight from the bus reader, without a task
   handle_tick()                 every ``tick_interval`` seconds (None: never)
-  handle_reload()               when configsync applies a new configuration revision
+  handle_reload(rev)            when configsync applies a new configuration revision here
+                                 (counted: ``ping`` answers ``reloads``, ``last_reload_rev``)
   handle_stop()                 once, on SIGTERM/SIGINT, before the bus closes
+  handle_vips(held)             with ``watch_vips = True``: this node's held VIPs changed
+
+Following the VIPs (``watch_vips = True``): the base subscribes to ``vip.status``, takes
+only this member's reports (``env.src``), keeps ``held_vips`` = ``{kind: (bare addresses,
+sorted)}`` for every kind (empty tuples before the first report) and calls
+``handle_vips`` only when that mapping changes. A VIP counts as held once it is plumbed
+(state ``owned`` or ``handing_over``), not while it is being acquired. If this node's
+``vip.status`` stays silent past :func:`stale_after` (the kernel has dropped an
+unrefreshed VIP by then), everything counts as released. ``ask_held_vips()`` asks the
+vip service's ``status`` RPC at once (also done once after ``handle_init``).
 
 Helpers: ``call``, ``cast``, ``publish``, ``publish_many``, ``alarm``; attributes
 ``cluster``, ``member`` (this member's :class:`~ecluster.clusterfile.Member`), ``timing``,
@@ -34,6 +45,7 @@ import inspect
 import logging
 import os
 import signal
+import math
 import time
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
@@ -46,6 +58,55 @@ from ecluster.clusterfile import Cluster
 GROUP = "ecluster.services"
 RELOAD_TOPIC = "config.applied"
 ALARM_TOPIC = "alarm."
+VIP_STATUS_TOPIC = "vip.status"
+#: states of services.vip's owner machine in which the address is on the interface
+PLUMBED_STATES = frozenset({"owned", "handing_over"})
+
+
+def vip_kernel_lifetime(timing) -> int:
+    """Seconds the kernel keeps a VIP the vip service stopped refreshing (services.vip
+    plumbs with this lifetime): whole seconds, at least 2 so one late refresh is harmless. Pure."""
+    return max(2, math.ceil(2 * timing.lease))
+
+
+def stale_after(timing) -> float:
+    """Silence of this node's vip.status after which no VIP can still be plumbed here: the
+    kernel lifetime of an unrefreshed VIP, plus a probe interval. Pure."""
+    return vip_kernel_lifetime(timing) + timing.probe_interval
+
+
+def vip_kinds(cluster: Cluster) -> dict[str, str]:
+    """Bare VIP address -> its kind ("injection", "outbound"), from the cluster file. Pure."""
+    return {v.ip: v.kind for v in cluster.vips}
+
+
+def no_vips(kinds: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """The mapping with nothing held: every kind (both standard ones at least) -> (). Pure."""
+    return {k: () for k in sorted({"injection", "outbound", *kinds.values()})}
+
+
+def held_by_kind(held: Any, states: Any, kinds: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """This node's plumbed VIPs by kind, from a vip.status body's (or the vip status RPC's)
+    ``held`` and ``states``. Pure.
+
+    With ``states`` (a map VIP -> state) a VIP counts only in a plumbed state (owned,
+    handing over): ``held`` also lists a VIP whose plumb is still in flight. Without it,
+    ``held`` is taken as it is. Entries that are not VIPs of the cluster file are ignored.
+    """
+    out = {k: [] for k in no_vips(kinds)}
+    if isinstance(states, dict):
+        addresses = [a for a, st in states.items() if st in PLUMBED_STATES]
+    elif isinstance(held, (list, tuple)):
+        addresses = list(held)
+    else:
+        addresses = []
+    for a in addresses:
+        if not isinstance(a, str):
+            continue
+        kind = kinds.get(a.split("/", 1)[0])
+        if kind is not None:
+            out[kind].append(a.split("/", 1)[0])
+    return {k: tuple(sorted(set(v))) for k, v in out.items()}
 
 
 class ServiceError(RemoteError):
@@ -108,6 +169,8 @@ class Service:
     #: time-critical (membership, election, vip): ask the kernel for a better CPU priority
     #: so a busy machine does not starve heartbeats and lease renewals
     critical: ClassVar[bool] = False
+    #: True: follow this node's vip.status; keep self.held_vips current; call handle_vips on change
+    watch_vips: ClassVar[bool] = False
 
     def __init__(self, cluster: Cluster, member: str):
         self.cluster = cluster
@@ -118,6 +181,14 @@ class Service:
         self.log = logging.getLogger(f"ecluster.{self.name}")
         self.bus: AsyncClient | None = None
         self.started = time.time()
+        self.reloads = 0                    # handle_reload calls (config.applied for this member)
+        self.last_reload_rev: str | None = None
+        self._vip_kinds = vip_kinds(cluster)
+        #: {kind: bare addresses, sorted}, always every kind; empty before the first report
+        self.held_vips: dict[str, tuple[str, ...]] = no_vips(self._vip_kinds)
+        self._vip_reports = 0               # reports of this node's vip service taken
+        self._vip_stale: asyncio.TimerHandle | None = None
+        self._first_vips_task: asyncio.Task | None = None
 
     # -- hooks (override) ------------------------------------------------------------
     async def handle_init(self) -> None:
@@ -163,6 +234,60 @@ class Service:
     async def handle_stop(self) -> None:
         pass
 
+    async def handle_vips(self, held: dict[str, tuple[str, ...]]) -> None:
+        """This node's held VIPs changed (by kind). Must not block."""
+
+    # -- following the VIPs (watch_vips) --------------------------------------------
+    async def ask_held_vips(self) -> dict[str, tuple[str, ...]]:
+        """Ask the local vip service now (its status RPC); updates held_vips.
+
+        Raises the bus error when the vip service does not answer. If a vip.status event
+        was taken while the call was out, that event stands (it may be the newer news; the
+        next one comes within a probe interval) and the answer is returned as it is.
+        """
+        before = self._vip_reports
+        st = await self.call(self.member.name, "vip", "status", timeout=1.0)
+        if not isinstance(st, dict):
+            raise ServiceError("vip.status answered something that is not a map", "bad_reply")
+        held = held_by_kind(st.get("held"), st.get("states"), self._vip_kinds)
+        if self._vip_reports == before:
+            await self._take_vips(held)
+        return held
+
+    async def _take_vips(self, held: dict[str, tuple[str, ...]]) -> None:
+        """A fresh report of this node's VIPs: re-arm the staleness timer, tell on change."""
+        self._vip_reports += 1
+        if self._vip_stale is not None:
+            self._vip_stale.cancel()
+        loop = asyncio.get_running_loop()
+        self._vip_stale = loop.call_later(stale_after(self.timing), self._vips_stale)
+        await self._set_held_vips(held)
+
+    async def _set_held_vips(self, held: dict[str, tuple[str, ...]]) -> None:
+        if held == self.held_vips:
+            return
+        self.held_vips = held
+        try:
+            await self.handle_vips(held)
+        except Exception:
+            self.log.exception("handle_vips failed")
+
+    def _vips_stale(self) -> None:
+        self._vip_stale = None
+        if any(self.held_vips.values()):
+            self.log.warning("no vip.status from this node for %.1f s: every VIP counts as released",
+                             stale_after(self.timing))
+        asyncio.get_running_loop().create_task(self._set_held_vips(no_vips(self._vip_kinds)))
+
+    async def _first_vips(self) -> None:
+        # do not wait a probe interval for the first status
+        try:
+            await self.ask_held_vips()
+        except (CallTimeout, RemoteError) as e:
+            self.log.debug("vip status not available yet: %s", e)
+        except Exception:
+            self.log.exception("asking the vip service failed")
+
     # -- helpers ------------------------------------------------------------------
     async def call(self, member: str | None, service: str, method: str, timeout: float = 2.0, **args) -> Any:
         return await self.bus.call(member, service, method, timeout=timeout, **args)
@@ -187,7 +312,8 @@ class Service:
 
     def rpc_ping(self) -> dict:
         return {"service": self.name, "member": self.member.name, "pid": os.getpid(),
-                "uptime": round(time.time() - self.started, 3)}
+                "uptime": round(time.time() - self.started, 3),
+                "reloads": self.reloads, "last_reload_rev": self.last_reload_rev}
 
     @classmethod
     def runs_on(cls, cluster: Cluster, member: str) -> bool:
@@ -199,7 +325,13 @@ class Service:
     # -- runtime ------------------------------------------------------------------
     async def _on_event(self, topic: str, body: Any, env: ch.Envelope) -> None:
         if topic == RELOAD_TOPIC and isinstance(body, dict) and body.get("member") == self.member.name:
-            await self.handle_reload(str(body.get("rev", "")))
+            rev = str(body.get("rev", ""))
+            self.reloads += 1
+            self.last_reload_rev = rev
+            await self.handle_reload(rev)
+        if (self.watch_vips and topic == VIP_STATUS_TOPIC and env.src == self.member.name
+                and isinstance(body, dict)):
+            await self._take_vips(held_by_kind(body.get("held"), body.get("states"), self._vip_kinds))
         if any(topic.startswith(p) for p in self.subscriptions):
             await self.handle_event(topic, body, env)
 
@@ -224,7 +356,8 @@ class Service:
                 pass
         self._stop_event = stop
         self.bus = AsyncClient(self.cluster, self.member.name, f"svc:{self.name}")
-        for prefix in (*self.subscriptions, RELOAD_TOPIC):
+        prefixes = (*self.subscriptions, RELOAD_TOPIC, *((VIP_STATUS_TOPIC,) if self.watch_vips else ()))
+        for prefix in dict.fromkeys(prefixes):
             self.bus.subscribe(prefix)
         self.bus.on_event = self._on_event
         self.bus.on_request = self._on_request
@@ -232,12 +365,16 @@ class Service:
         ticker = None
         try:
             await self.handle_init()
+            if self.watch_vips:
+                self._first_vips_task = loop.create_task(self._first_vips())
             if self.tick_interval:
                 ticker = loop.create_task(self._ticker())
             await stop.wait()
         finally:
             if ticker:
                 ticker.cancel()
+            if self._vip_stale is not None:
+                self._vip_stale.cancel()
             try:
                 await self.handle_stop()
             finally:
@@ -303,4 +440,5 @@ def run_service(cluster: Cluster, member: str, name: str) -> None:
     asyncio.run(svc.run())
 
 
-__all__ = ["Service", "ServiceError", "CallTimeout", "RemoteError", "load_service", "services_for", "run_service"]
+__all__ = ["Service", "ServiceError", "CallTimeout", "RemoteError", "load_service", "services_for", "run_service",
+           "stale_after", "held_by_kind"]

@@ -51,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import math
 import re
 import socket
 import time
@@ -64,7 +63,7 @@ from aiosmtpd.smtp import SMTP
 from bus.client import BusError, CallTimeout, RemoteError
 from ecluster.clusterfile import NAME_RE, ClusterFileError
 from node.vipcore import vip_key
-from services.base import Service
+from services.base import Service, stale_after
 from services.jlog import log_names
 
 from ecluster_smtp.audit import AuditOutbox
@@ -190,12 +189,6 @@ def refused_for_good(e: Exception) -> bool:
     """Whether a failed call will fail the same way when retried (bad input, unknown log). Pure."""
     return isinstance(e, RemoteError) and e.code in ("bad_event", "bad_batch", "bad_records", "bad_arguments",
                                                      "unknown_log")
-
-
-def stale_after(timing) -> float:
-    """Silence of vip.status after which no VIP can still be plumbed here: the kernel
-    lifetime of an unrefreshed VIP (see services.vip), plus a probe interval. Pure."""
-    return max(2, math.ceil(2 * timing.lease)) + timing.probe_interval
 
 
 # -- the SMTP side ------------------------------------------------------------------------
