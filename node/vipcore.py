@@ -298,6 +298,7 @@ def assign_vips(
     pinned: dict[str, str],
     current: dict[str, str],
     avoid: dict[str, set[str]] | None = None,
+    ineligible: dict[str, set[str]] | None = None,
 ) -> dict[str, str | None]:
     """Choose an owner for every VIP; returns ``{bare address: node or None}``.
 
@@ -315,13 +316,20 @@ def assign_vips(
        of VIPs assigned to it so far in this round; ties go to the first node in name order.
 
     ``avoid`` ({vip: nodes}, see :class:`HoldRecord`): nodes that could not keep that VIP
-    lately; rules 2-4 pass them over while another eligible node exists (a pin still wins).
+    lately (or, from :class:`node.health.HealthBook`, with no health result for it yet);
+    rules 2-4 pass them over while another eligible node exists (a pin still wins).
+
+    ``ineligible`` ({vip: nodes}, node/health.py: a health check guarding the VIP fails
+    there): such a node is not eligible for that VIP under any rule, a pin included. Both
+    ``avoid`` and ``ineligible`` apply to a VIP together with its followers, as one group: a
+    group goes only to a node eligible for every VIP in it (and is passed over softly where
+    any of them is avoided); with no such node the whole group has no owner.
 
     Rules 1-3 are applied to every VIP before rule 4 places the rest, in configured order, so the
     load counts every VIP placed by rules 1-3. A VIP placed on a node counts together with all
     its (transitive) followers. A follower goes wherever the VIP it follows (resolved along the
     chain) goes; its own pin is ignored (move the VIP it follows instead). With no eligible node
-    every owner is None. The result depends only on the arguments (not on the order of
+    every owner is None (per group: with none eligible for it). The result depends only on the arguments (not on the order of
     ``candidates`` or of set/dict iteration). Raises VipError for a malformed address, an unknown
     follow target or a follow cycle (:func:`validate_vips` reports these up front).
     """
@@ -334,7 +342,6 @@ def assign_vips(
     current_by_key = {vip_key(k): v for k, v in current.items()}
 
     eligible = sorted(set(candidates) - set(drained))
-    eligible_set = set(eligible)
 
     leader = {key: _leader_of(key, follow_of, known) for key in keys}
     group_size: dict[str, int] = {}
@@ -345,25 +352,37 @@ def assign_vips(
     owner_of_leader: dict[str, str | None] = {}
     leaders = [spec for spec in vips if spec.key not in follow_of]
 
-    avoided = {vip_key(k): set(v) for k, v in (avoid or {}).items()}
-    if eligible:
-        for spec in leaders:  # rules 1-3
-            key = spec.key
-            shunned = avoided.get(key, set()) if set(eligible) - avoided.get(key, set()) else set()
-            for rule, choice in enumerate((pinned_by_key.get(key), spec.preference, current_by_key.get(key))):
-                if choice is not None and choice in eligible_set and (rule == 0 or choice not in shunned):
-                    owner_of_leader[key] = choice
-                    load[choice] += group_size[key]
-                    break
-        for spec in leaders:  # rule 4
-            key = spec.key
-            if key in owner_of_leader:
-                continue
-            # min() keeps the first of equal loads, and eligible is in name order
-            pool = [n for n in eligible if n not in avoided.get(key, set())] or eligible
-            choice = min(pool, key=lambda node: load[node])
-            owner_of_leader[key] = choice
-            load[choice] += group_size[key]
+    # avoid and ineligible, per group (keyed by the group's leader): the union over its VIPs
+    avoided: dict[str, set[str]] = {}
+    for k, v in (avoid or {}).items():
+        k = vip_key(k)
+        if k in leader:
+            avoided.setdefault(leader[k], set()).update(v)
+    barred: dict[str, set[str]] = {}
+    for k, v in (ineligible or {}).items():
+        k = vip_key(k)
+        if k in leader:
+            barred.setdefault(leader[k], set()).update(v)
+    # eligible nodes per group, in name order
+    group_eligible = {spec.key: [n for n in eligible if n not in barred.get(spec.key, ())] for spec in leaders}
+    for spec in leaders:  # rules 1-3
+        key = spec.key
+        pool = group_eligible[key]
+        shunned = avoided.get(key, set()) if set(pool) - avoided.get(key, set()) else set()
+        for rule, choice in enumerate((pinned_by_key.get(key), spec.preference, current_by_key.get(key))):
+            if choice is not None and choice in pool and (rule == 0 or choice not in shunned):
+                owner_of_leader[key] = choice
+                load[choice] += group_size[key]
+                break
+    for spec in leaders:  # rule 4
+        key = spec.key
+        if key in owner_of_leader or not group_eligible[key]:
+            continue
+        # min() keeps the first of equal loads, and eligible is in name order
+        pool = [n for n in group_eligible[key] if n not in avoided.get(key, set())] or group_eligible[key]
+        choice = min(pool, key=lambda node: load[node])
+        owner_of_leader[key] = choice
+        load[choice] += group_size[key]
 
     return {key: owner_of_leader.get(leader[key]) for key in keys}
 

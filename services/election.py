@@ -27,7 +27,8 @@ protocol and the argument why no VIP can have two holders.
 RPC:    vote(term, candidate) · promise(holder, vips) · release(holder, vips) ·
         status() · move(vip, node) · drain(node) · undrain(node) · unpin(vip)
 Events: election.assignment {term, leader, seq, owners, drained, pinned, candidates, settled}
-        (in) membership.view (own member's), vip.status (every node's)
+        (in) membership.view (own member's), vip.status (every node's), health.status (every
+        node's: a VIP guarded by a failing check is not assigned there, docs/CHECKS.md)
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from typing import Any
 
 from bus.client import BusError
 from node.fsutil import atomic_write
+from node.health import HealthBook
 from node.vipcore import HoldRecord, VipSpec, assign_vips, vip_key
 from services.base import Service, ServiceError
 
@@ -60,7 +62,7 @@ class ElectionService(Service):
     name = "election"
     builtin = True
     critical = True
-    subscriptions = ("membership.view", "vip.status", "election.assignment")
+    subscriptions = ("membership.view", "vip.status", "election.assignment", "health.status")
 
     def __init__(self, cluster, member):
         super().__init__(cluster, member)
@@ -100,6 +102,8 @@ class ElectionService(Service):
         self.counters = {"prevotes": 0, "prevotes_won": 0, "candidacies": 0, "elected": 0, "penalties": 0}
         # owners that are alive but cannot keep their VIP (a slow link): passed over for a while
         self.hold_record = HoldRecord(t.struggle_after, t.lapse_window, 2, t.owner_penalty, t.owner_penalty_max)
+        # every node's health.status (node/health.py): fresh as long as vip.status is for candidates()
+        self.health = HealthBook(3 * t.dead_after, t.anti_flap)
 
     # -- persistence ----------------------------------------------------------------
     def _load(self) -> None:
@@ -310,6 +314,14 @@ class ElectionService(Service):
                     self.ready_at.setdefault(node, body["_at"])
         elif topic == "election.assignment":
             self._take_assignment(body, env.src)
+        elif topic == "health.status":
+            node = env.src
+            if node in self.cluster.nodes and self.health.take(node, body, time.monotonic()):
+                self.log.info("health of %s: failing %s, unknown %s", node, body.get("failing"), body.get("unknown"))
+                if self.role == LEADER and self._majority_alive():
+                    # eligibility changed: reassign now rather than at the next tick, so a VIP
+                    # leaves a node whose mail server died within one message
+                    await self._publish_assignment()
 
     def _take_view(self, view: dict) -> None:
         now = time.monotonic()
@@ -389,15 +401,23 @@ class ElectionService(Service):
         # run (vip.status "ready") and it has been alive and ready for anti_flap
         unstable = {n for n in cands if n in self.returned and n != self.member.name
                     and not self._settled(n, now)}
+        # per VIP: a node whose check guarding it recovered less than anti_flap ago
+        recovering = self.health.recovering(now)
         specs = self.specs
-        if unstable:
+        if unstable or recovering:
             specs = [VipSpec(address=s.address, interface=s.interface, kind=s.kind,
-                             preference=None if s.preference in unstable else s.preference,
+                             preference=None if s.preference in unstable
+                             or s.preference in recovering.get(s.key, ()) else s.preference,
                              follow=s.follow) for s in self.specs]
+        avoid = self.hold_record.avoid(now)
+        for vip, nodes in self.health.unknown(now, current).items():
+            avoid.setdefault(vip, set()).update(nodes)
+        if unstable:
             current = {k: v for k, v in current.items() if v not in unstable}
         pinned = {k: v for k, v in self.pinned.items() if v not in unstable}
         loads = {n: 0.0 for n in cands}
-        return assign_vips(specs, cands, loads, self.drained, pinned, current, self.hold_record.avoid(now))
+        return assign_vips(specs, cands, loads, self.drained, pinned, current, avoid,
+                           ineligible=self.health.ineligible(now))
 
     def _observe_holders(self, now: float) -> None:
         """Does each VIP's assigned owner hold it? (vip.status, fresh only); a penalty starts
@@ -422,6 +442,7 @@ class ElectionService(Service):
     async def _publish_assignment(self) -> None:
         now = time.monotonic()
         self._observe_holders(now)
+        self.health.forget_old(now)
         owners = self.compute_owners(now)
         prev = self.assignment.get("owners", {})
         settled = self.assignment.get("settled", time.time())
@@ -561,6 +582,11 @@ class ElectionService(Service):
         spec = next(s for s in self.specs if s.key == key)
         if spec.follow:
             raise ServiceError(f"VIP {key} follows {spec.follow}: move that one instead", "follower")
+        failing = {v for v, nodes in self.health.ineligible(time.monotonic()).items() if node in nodes}
+        group = {s.key for s in self.specs if s.key == key or (s.follow and vip_key(s.follow) == key)}
+        if failing & group:
+            raise ServiceError(f"node {node!r} fails a health check guarding {', '.join(sorted(failing & group))}:"
+                               " refusing the move", "node_unhealthy")
         self.pinned[key] = node
         self._persist_admin()
         await self._publish_assignment()
@@ -603,6 +629,7 @@ class ElectionService(Service):
             "voted_for": self.voted_for, "quorum": self.quorum, "voters": self.voters,
             "assignment": self.assignment, "view": self.view, "counters": self.counters,
             "vips": self.vip_table(now),
+            "health": self.health.table(now),
             "promises": {v: {"holder": h, "expires_in": round(e - now, 3)} for v, (h, e, _) in self.promises.items()},
             "successors": {v: {"holder": h, "expires_in": round(e - now, 3)} for v, (h, e, _) in self.successors.items()},
         }
@@ -620,6 +647,8 @@ class ElectionService(Service):
                 holders.setdefault(vip, []).append(node)
         rows = []
         avoid = self.hold_record.penalties(now)
+        unhealthy = self.health.ineligible(now)
+        untested = self.health.unknown(now, {})
         for s in self.specs:
             owner = owners.get(s.key)
             held = sorted(holders.get(s.key, []))
@@ -637,5 +666,8 @@ class ElectionService(Service):
                          "pinned": self.pinned.get(s.key),
                          # nodes passed over for this VIP (they could not keep it): seconds left
                          "avoided": {n: round(left, 1) for n, left in sorted(avoid.get(s.key, {}).items())},
+                         # nodes whose health checks guarding this VIP fail / have no result yet
+                         "unhealthy": sorted(unhealthy.get(s.key, ())),
+                         "health_unknown": sorted(untested.get(s.key, ())),
                          "settled_for": round(time.time() - a.get("settled", time.time()), 3)})
         return rows
