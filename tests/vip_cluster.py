@@ -8,6 +8,7 @@ so it needs no route into the lab.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -46,12 +47,14 @@ class LabCluster:
     """Build with ``LabCluster(n_nodes, n_managers, preset, vips)`` then ``start()``; ``close()`` always."""
 
     def __init__(self, n_nodes: int = 3, n_managers: int = 1, preset: str = "lan",
-                 vips: list[dict] | None = None, subnet: str = "10.99.0"):
+                 vips: list[dict] | None = None, subnet: str = "10.99.0", checks: list[dict] | None = None):
         self.n_nodes, self.n_managers = n_nodes, n_managers
         self.names = [f"n{i}" for i in range(1, n_nodes + 1)] + [f"m{i}" for i in range(1, n_managers + 1)]
         self.lab = Lab(len(self.names), subnet=subnet)
         self.vips = vips or [{"address": f"{subnet}.100/24", "preference": "n1"}]
         self.preset = preset
+        # [[check]] tables, key -> value as TOML wants it (docs/CHECKS.md); none by default
+        self.checks = checks or []
         self.root = Path(tempfile.mkdtemp(prefix="eclv", dir="/tmp"))
         self.member_procs: dict[str, subprocess.Popen] = {}
         self.cluster = None
@@ -81,6 +84,10 @@ class LabCluster:
             for k in ("preference", "follow", "kind"):
                 if v.get(k):
                     lines.append(f'{k} = "{v[k]}"')
+            lines.append("")
+        for c in self.checks:
+            lines.append("[[check]]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in c.items()]   # JSON scalars/lists are TOML
             lines.append("")
         path = self.root / "cluster.toml"
         path.write_text("\n".join(lines))
@@ -148,6 +155,26 @@ class LabCluster:
             self.lab.popen(self.ns(name), [PYTHON, str(WHOAMI_SCRIPT), name, str(WHOAMI_PORT)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.start_member(name)
+        return t
+
+    def whoami_procs(self, name: str) -> list[subprocess.Popen]:
+        """The live whoami listeners of node ``name`` (started by this lab)."""
+        return [p for p in self.lab.processes(self.ns(name))
+                if p.poll() is None and "whoami" in " ".join(map(str, p.args))]
+
+    def stop_whoami(self, name: str) -> float:
+        """Kill node ``name``'s whoami listener (its port stops answering); returns the time."""
+        t = time.time()
+        for p in self.whoami_procs(name):
+            self.lab.kill(p)
+            p.wait(timeout=5)
+        return t
+
+    def start_whoami(self, name: str) -> float:
+        """Start node ``name``'s whoami listener again; returns the time it was started."""
+        t = time.time()
+        self.lab.popen(self.ns(name), [PYTHON, str(WHOAMI_SCRIPT), name, str(WHOAMI_PORT)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return t
 
     def close(self) -> None:
