@@ -47,7 +47,8 @@ class LabCluster:
     """Build with ``LabCluster(n_nodes, n_managers, preset, vips)`` then ``start()``; ``close()`` always."""
 
     def __init__(self, n_nodes: int = 3, n_managers: int = 1, preset: str = "lan",
-                 vips: list[dict] | None = None, subnet: str = "10.99.0", checks: list[dict] | None = None):
+                 vips: list[dict] | None = None, subnet: str = "10.99.0", checks: list[dict] | None = None,
+                 extra: str = ""):
         self.n_nodes, self.n_managers = n_nodes, n_managers
         self.names = [f"n{i}" for i in range(1, n_nodes + 1)] + [f"m{i}" for i in range(1, n_managers + 1)]
         self.lab = Lab(len(self.names), subnet=subnet)
@@ -55,6 +56,8 @@ class LabCluster:
         self.preset = preset
         # [[check]] tables, key -> value as TOML wants it (docs/CHECKS.md); none by default
         self.checks = checks or []
+        # more cluster-file text, appended as it is (e.g. a [hooks] table)
+        self.extra = extra
         self.root = Path(tempfile.mkdtemp(prefix="eclv", dir="/tmp"))
         self.member_procs: dict[str, subprocess.Popen] = {}
         self.cluster = None
@@ -89,6 +92,8 @@ class LabCluster:
             lines.append("[[check]]")
             lines += [f"{k} = {json.dumps(v)}" for k, v in c.items()]   # JSON scalars/lists are TOML
             lines.append("")
+        if self.extra:
+            lines += ["", self.extra]
         path = self.root / "cluster.toml"
         path.write_text("\n".join(lines))
         for n in [*self.names, keymod.ADMIN]:
