@@ -189,3 +189,17 @@ class HealthBook:
                          "unknown_checks": sorted(n for n, c in checks.items() if c.get("state") == UNKNOWN),
                          "checks": {n: c.get("state") for n, c in sorted(checks.items())}}
         return out
+
+
+def check_summary(entry: dict | None) -> str:
+    """A node's health checks as one word or list, from election.status["health"][node]. Pure.
+
+    "-": no report (no checks, or not heard lately); "ok"; "failing: a, b"; "starting: a"."""
+    if not isinstance(entry, dict) or not entry.get("fresh"):
+        return "-"
+    failing, unknown = entry.get("failing_checks") or [], entry.get("unknown_checks") or []
+    if failing:
+        return "failing: " + ", ".join(failing)
+    if unknown:
+        return "starting: " + ", ".join(unknown)
+    return "ok"

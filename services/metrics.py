@@ -18,8 +18,16 @@ jlog (nodes)            ``ecluster_jlog_last_seq{log}``, ``..._first_seq``, ``..
                         ``..._full_rejections_total``, ``..._records_dropped_total``
 configsync (all)        ``ecluster_config_state{state}``, ``..._in_sync``, ``..._height``,
                         ``..._applied_timestamp_seconds``, ``..._applied_age_seconds``
+health (nodes)          ``ecluster_check_healthy{check,kind}`` (1 healthy, 0 unhealthy,
+                        -1 no result yet), ``ecluster_check_probes_total``,
+                        ``ecluster_check_failures_total``, ``ecluster_check_probe_seconds``
 plug-ins (where run)    whatever their ``metrics()`` RPC returns (see docs/PLUGINS.md)
 ======================  ==========================================================
+
+A built-in that defines an ``rpc_metrics`` method (health, hooks) is asked like a plug-in:
+its ``metrics()`` reply is a list of families in the plug-in form. Such a built-in that is
+not running at all (``no_service``: not started by this member's supervisord) is left out
+of the scrape, ``ecluster_service_up`` included, rather than reported down.
 
 plus ``ecluster_member_info{cluster,member,role}``, ``ecluster_service_up{service}`` (1 when
 the service answered this scrape) and ``ecluster_scrape_duration_seconds``.
@@ -37,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from bus.client import BusError
+from bus.client import BusError, RemoteError
 from services.base import Service
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -52,6 +60,7 @@ CONFIG_STATES = {"in sync": "in_sync", "behind": "behind", "modified locally": "
                  "not bootstrapped": "not_bootstrapped"}
 VIP_STATES = ("released", "acquiring", "owned", "releasing", "fenced")
 
+NOT_RUNNING = object()      # _ask's answer when the service does not run on this member
 _NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _TYPES = ("gauge", "counter", "untyped")
@@ -297,6 +306,7 @@ def http_response(status: str, body: bytes, content_type: str = "text/plain; cha
 
 # -- the service -----------------------------------------------------------------------------
 
+
 class MetricsService(Service):
     """Serves ``/metrics`` on the member's address and ``metrics_port`` (see the module docstring)."""
 
@@ -309,7 +319,8 @@ class MetricsService(Service):
         super().__init__(cluster, member)
         self.server: asyncio.base_events.Server | None = None
         self.local: list[str] = []
-        self.plugins: list[str] = []
+        self.plugins: list[str] = []              # asked for metrics(): plug-ins + builtin_sources
+        self.builtin_sources: set[str] = set()    # built-ins with an rpc_metrics (health, hooks)
         self.scrapes = 0
         self._bind_error: str | None = None
 
@@ -317,7 +328,11 @@ class MetricsService(Service):
         from services.base import load_service, services_for
         names = await self.offload(services_for, self.cluster, self.member.name)
         self.local = names
-        self.plugins = [n for n in names if not load_service(n).builtin]
+        # plug-ins, and built-ins with a metrics() RPC of their own (health, hooks): asked
+        # for metrics() and answered in the plug-in form
+        self.builtin_sources = {n for n in names if load_service(n).builtin
+                                and callable(getattr(load_service(n), "rpc_metrics", None))}
+        self.plugins = [n for n in names if not load_service(n).builtin or n in self.builtin_sources]
         await self._listen()
 
     async def handle_tick(self) -> None:
@@ -374,6 +389,8 @@ class MetricsService(Service):
     async def _ask(self, service: str, method: str, **args) -> Any:
         try:
             return await self.call(self.member.name, service, method, timeout=ASK_TIMEOUT, **args)
+        except RemoteError as e:
+            return NOT_RUNNING if e.code == "no_service" else None
         except BusError:
             return None
 
@@ -384,7 +401,13 @@ class MetricsService(Service):
         asked = [(s, m) for s, m in BUILTIN_SOURCES if s in self.local]
         asked += [(p, "metrics") for p in self.plugins]
         replies = await asyncio.gather(*(self._ask(s, m) for s, m in asked))
-        answers = dict(zip((s for s, _ in asked), replies))
+        answers = {}
+        for (service, _), reply in zip(asked, replies):
+            if reply is NOT_RUNNING:
+                if service in self.builtin_sources:
+                    continue               # a built-in metrics() source that is not started here
+                reply = None
+            answers[service] = reply
         config_log = None
         if isinstance(answers.get("configsync"), dict) and answers["configsync"].get("rev"):
             config_log = await self._ask("configsync", "log", n=50)

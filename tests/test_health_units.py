@@ -424,3 +424,44 @@ def test_no_checks_means_nothing_runs(make_cluster):
     asyncio.run(scenario())
     assert sent == [] and svc.tasks == []
     assert svc.rpc_status()["checks"] == {} and svc.rpc_status()["failing"] == []
+
+
+# --------------------------------------------------------------------------- shown to operators
+
+def test_check_summary_status_vip_list_console_and_metrics(make_cluster):
+    from ecluster.commands.status import add_election
+    from ecluster.commands.vip import vip_rows
+    from manager.console.backend import member_rows
+    from node.health import check_summary
+    from services.metrics import family_from_dict, render
+
+    book = HealthBook(fresh_for=2.0, anti_flap=5.0)
+    book.take("n1", report([A]), 0.0)
+    book.take("n2", {"failing": [], "unknown": [A], "checks": {"mta": {"state": UNKNOWN}}}, 0.0)
+    book.take("n3", report([]), -10.0)
+    table = book.table(1.0)
+    assert [check_summary(table.get(n)) for n in ("n1", "n2", "n3", "n4")] == \
+        ["failing: mta", "starting: mta", "-", "-"]
+
+    cluster = make_cluster(3, 1)
+    rep = {"members": [{"name": n, "role": cluster.member(n).role} for n in cluster.members]}
+    rep = add_election(rep, {"leader": "n2", "term": 3, "view": {"members": {}}, "health": table})
+    assert {m["name"]: m.get("checks") for m in rep["members"]} == \
+        {"n1": "failing: mta", "n2": "starting: mta", "n3": "-", "m1": None}
+    assert rep["members"][0]["failing_vips"] == [A]
+
+    base = {"address": f"{A}/24", "kind": "injection", "holders": [], "candidates": [], "follow": None,
+            "pinned": None, "settled_for": 1.0, "state": "owned"}
+    rows = vip_rows({"vips": [{**base, "owner": "n2", "preference": "n1", "unhealthy": ["n1"]},
+                              {**base, "owner": "n2", "preference": None, "unhealthy": ["n3"]},
+                              {**base, "owner": "n2", "preference": None}]})
+    assert [(r["health"], r["unhealthy"]) for r in rows] == [("unhealthy", ["n1"]), ("ok", ["n3"]), ("ok", [])]
+
+    assert [r["checks"] for r in member_rows(cluster, None, None, table)] == ["failing: mta", "starting: mta", "-", None]
+
+    svc = HealthService(make_cluster(2, 0, extra='[[check]]\nname = "mta"\nkind = "smtp"\nport = 25\n', sub="h"), "n1")
+    svc.states["mta"].record(False, 1.0, "refused", 0.01)
+    text = render(family_from_dict(f) for f in svc.rpc_metrics())
+    assert 'ecluster_check_healthy{check="mta",kind="smtp"} 0' in text
+    assert 'ecluster_check_failures_total{check="mta",kind="smtp"} 1' in text
+    assert "# TYPE ecluster_check_probes_total counter" in text

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 import typer
 
 from ecluster.commands.common import ConfigOpt, JsonOpt, OptionalMemberOpt, die, load, print_json
+from node.health import check_summary
 
 DEFAULT_TIMEOUT = 0.8
 
@@ -55,19 +56,27 @@ def ask(cluster, name: str, timeout: float) -> dict[str, Any]:
 
 
 def add_election(rep: dict[str, Any], election: dict | None) -> dict[str, Any]:
-    """Fold the member's election status (coordinator, term, membership states) in. Pure."""
+    """Fold the member's election status (coordinator, term, membership states, health
+    checks per node) in. Pure."""
     if election is None:
         rep.update(coordinator=None, term=None, role=None)
         for m in rep["members"]:
             m["state"] = "unknown"
+            if m["role"] == "node":
+                m["checks"] = "-"
         return rep
     view = (election.get("view") or {}).get("members") or {}
     rep.update(coordinator=election.get("leader"), term=election.get("term"), role=election.get("role"),
                view_number=(election.get("view") or {}).get("number"))
+    health = election.get("health") if isinstance(election.get("health"), dict) else {}
     for m in rep["members"]:
         info = view.get(m["name"]) or {}
         m["state"] = info.get("state", "unknown")
         m["incarnation"] = info.get("inc")
+        if m["role"] == "node":
+            entry = health.get(m["name"])
+            m["checks"] = check_summary(entry)
+            m["failing_vips"] = sorted((entry or {}).get("failing") or []) if (entry or {}).get("fresh") else []
     return rep
 
 
@@ -75,6 +84,9 @@ def status(config: ConfigOpt = None, member: OptionalMemberOpt = None, json_: Js
            timeout: Annotated[float, typer.Option("--timeout", "-t", metavar="SECONDS",
                                                   help="How long to wait for each member.")] = DEFAULT_TIMEOUT):
     """Show the cluster as the first reachable member sees it (or as --member sees it).
+
+    Per member: membership state, link, and for nodes their health checks ("ok",
+    "failing: NAME", "starting: NAME", or "-" when the node reports none).
 
     Members are tried in the order of the cluster file, over tcp with the admin key.
 
@@ -103,15 +115,17 @@ def show(rep: dict[str, Any]) -> None:
     from rich.table import Table
     colour = {"self": "cyan", "up": "green", "down": "red", "never": "yellow"}
     t = Table(title=f"cluster {rep['cluster']}, as seen by {rep['answered_by']}")
-    for col in ("member", "role", "address", "state", "link", "heard ago"):
+    for col in ("member", "role", "address", "state", "link", "heard ago", "checks"):
         t.add_column(col)
     states = {"alive": "green", "suspect": "yellow", "dead": "red", "unknown": "white"}
     for m in rep["members"]:
         heard = "" if m["heard_ago"] is None else f"{m['heard_ago']:.2f} s"
         coord = " (coordinator)" if m["name"] == rep.get("coordinator") else ""
         st = m.get("state", "unknown")
+        checks = m.get("checks", "")
+        checks = f"[red]{checks}[/]" if checks.startswith("failing") else checks
         t.add_row(m["name"] + coord, m["role"], m["address"], f"[{states.get(st, 'white')}]{st}[/]",
-                  f"[{colour[m['link']]}]{m['link']}[/]", heard)
+                  f"[{colour[m['link']]}]{m['link']}[/]", heard, checks)
     console = Console()
     console.print(t)
     console.print(f"coordinator {rep.get('coordinator') or 'none'}, term {rep.get('term')}")

@@ -40,14 +40,24 @@ def vip_rows(st: dict) -> list[dict]:
     return [{"address": r["address"], "kind": r["kind"], "owner": r["owner"], "state": r["state"],
              "holders": r["holders"], "candidates": r["candidates"], "preference": r["preference"],
              "follow": r["follow"], "pinned": r["pinned"], "settled_for": r["settled_for"],
-             "avoided": r.get("avoided") or {}}
+             "avoided": r.get("avoided") or {},
+             # nodes failing a health check that guards the VIP (not eligible for it there)
+             "unhealthy": r.get("unhealthy") or [], "health": health_word(r)}
             for r in st.get("vips", [])]
+
+
+def health_word(r: dict) -> str:
+    """"unhealthy" when the VIP's owner or preferred node fails a check guarding it, else
+    "ok". Pure."""
+    bad = set(r.get("unhealthy") or [])
+    return "unhealthy" if bad & {r.get("owner"), r.get("preference")} else "ok"
 
 
 @app.command("list")
 def vip_list(config: ConfigOpt = None, json_: JsonOpt = False):
     """List every VIP: owner, candidates, state (owned/unsafe/broken/unowned), seconds settled,
-    and nodes passed over for it because they could not keep it (seconds left).
+    nodes passed over for it because they could not keep it (seconds left), and nodes failing
+    a health check that guards it ("unhealthy" when that is its owner or preferred node).
 
     Example: ecluster vip list -c cluster.toml --json
     """
@@ -60,12 +70,15 @@ def vip_list(config: ConfigOpt = None, json_: JsonOpt = False):
     from rich.console import Console
     from rich.table import Table
     t = Table(title=f"VIPs of {cluster.name} (coordinator {st.get('leader') or 'none'}, term {st.get('term')})")
-    for col in ("address", "kind", "owner", "state", "candidates", "preference", "settled (s)", "passed over"):
+    for col in ("address", "kind", "owner", "state", "candidates", "preference", "settled (s)", "passed over",
+                "failing checks"):
         t.add_column(col)
     for r in rows:
+        failing = ", ".join(r["unhealthy"]) or "-"
         t.add_row(r["address"], r["kind"], r["owner"] or "-", r["state"], ",".join(r["candidates"]),
                   r["preference"] or (f"follows {r['follow']}" if r["follow"] else "-"), f"{r['settled_for']:.1f}",
-                  ", ".join(f"{n} ({left:.0f} s)" for n, left in r["avoided"].items()) or "-")
+                  ", ".join(f"{n} ({left:.0f} s)" for n, left in r["avoided"].items()) or "-",
+                  f"[red]unhealthy: {failing}[/]" if r["health"] == "unhealthy" else failing)
     Console().print(t)
 
 

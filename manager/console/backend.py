@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from bus.client import BusError, CallTimeout, RemoteError
+from node.health import check_summary
 
 DOWN_CODES = frozenset({"unreachable", "no_service"})
 ASK_TIMEOUT = 1.5
@@ -72,15 +73,18 @@ def inside(root: Path, path: Path) -> bool:
         return False
 
 
-def member_rows(cluster, view: dict | None, leader: str | None) -> list[dict]:
-    """Rows of the cluster page from the membership view (None: unknown). Pure."""
+def member_rows(cluster, view: dict | None, leader: str | None, health: dict | None = None) -> list[dict]:
+    """Rows of the cluster page from the membership view (None: unknown) and the
+    coordinator's health table (election.status "health"). Pure."""
     members = (view or {}).get("members", {}) if isinstance(view, dict) else {}
+    health = health if isinstance(health, dict) else {}
     rows = []
     for name, m in cluster.members.items():
         seen = members.get(name) or {}
         rows.append({"name": name, "role": m.role, "address": m.address,
                      "state": seen.get("state", "unknown"), "incarnation": seen.get("inc"),
-                     "since": seen.get("since"), "coordinator": name == leader})
+                     "since": seen.get("since"), "coordinator": name == leader,
+                     "checks": check_summary(health.get(name)) if m.role == "node" else None})
     return rows
 
 
@@ -127,7 +131,8 @@ class BusBackend:
                 "coordinator": leader, "term": election.get("term") if e_ok else None,
                 "quorum": self.cluster.quorum, "voters": len(self.cluster.voters),
                 "view_number": view.get("number") if v_ok else None,
-                "members": member_rows(self.cluster, view if v_ok else None, leader),
+                "members": member_rows(self.cluster, view if v_ok else None, leader,
+                                       election.get("health") if e_ok else None),
                 "election": None if e_ok else election, "membership": None if v_ok else view}
 
     async def vips_page(self) -> dict:
@@ -136,13 +141,16 @@ class BusBackend:
         states = {}
         if self.available(view):
             states = {n: m.get("state") for n, m in view.get("members", {}).items()}
+        health = {}
         if not self.available(election):
             out.update(election=election, vips=[], coordinator=None, term=None, drained=[])
         else:
             a = election.get("assignment") or {}
+            health = election.get("health") if isinstance(election.get("health"), dict) else {}
             out.update(election=None, vips=election.get("vips", []), coordinator=election.get("leader"),
                        term=election.get("term"), drained=sorted(a.get("drained", []) or []))
-        out["nodes"] = [{"name": n, "state": states.get(n, "unknown"), "drained": n in out["drained"]}
+        out["nodes"] = [{"name": n, "state": states.get(n, "unknown"), "drained": n in out["drained"],
+                         "checks": check_summary(health.get(n))}
                         for n in self.cluster.nodes]
         return out
 

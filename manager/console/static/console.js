@@ -95,6 +95,13 @@ function confirmDialog(text) {
 
 function badge(text, cls) { return el("span", { class: "badge " + (cls || text) }, text); }
 
+// a node's health checks: "ok", "failing: a, b", "starting: a" or "-" (none reported)
+function checksCell(text) {
+  if (!text) return "";
+  if (text.startsWith("failing")) return badge(text, "unhealthy");
+  return text === "ok" ? badge("ok", "healthy") : text;
+}
+
 // -- pages ---------------------------------------------------------------------------------
 
 const pages = {};
@@ -111,6 +118,7 @@ pages.cluster = function () {
     setRows("members", d.members.map((m) => el("tr", { dataset: { member: m.name } },
       el("td", {}, m.name), el("td", {}, m.role), el("td", {}, m.address),
       el("td", {}, badge(m.state)), el("td", {}, dash(m.incarnation)), el("td", {}, fmtTime(m.since)),
+      el("td", { class: "checks" }, checksCell(m.checks)),
       el("td", {}, m.coordinator ? badge("coordinator", "coord") : ""))));
   });
 };
@@ -155,6 +163,7 @@ pages.vips = function () {
       el("td", {}, v.address), el("td", {}, v.kind), el("td", { class: "owner" }, dash(v.owner)),
       el("td", {}, (v.holders || []).join(", ") || "-"), el("td", {}, badge(v.state)),
       el("td", {}, dash(v.pinned)), el("td", {}, dash(v.settled_for)),
+      el("td", { class: "unhealthy-on" }, (v.unhealthy || []).length ? badge((v.unhealthy || []).join(", "), "unhealthy") : "-"),
       el("td", {}, v.follow ? "follows " + v.follow : sel), el("td", {}, buttons));
   }
 
@@ -169,7 +178,7 @@ pages.vips = function () {
       }
     });
     return el("tr", { dataset: { node: n.name } }, el("td", {}, n.name), el("td", {}, badge(n.state)),
-      el("td", {}, n.drained ? "yes" : "no"), el("td", {}, b));
+      el("td", {}, n.drained ? "yes" : "no"), el("td", { class: "checks" }, checksCell(n.checks)), el("td", {}, b));
   }
 
   async function load() {
