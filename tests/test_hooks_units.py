@@ -321,3 +321,31 @@ def test_metrics_are_prometheus_families(lab):
     text = render(fams)
     assert 'ecluster_hooks_runs_total{member="n1",hook="vip",result="ok"}' in text
     assert "ecluster_hooks_queued" in text
+
+
+# -- the service's own bookkeeping, without a bus -------------------------------------------------
+
+def test_the_service_drops_the_oldest_run_and_alarms_once(make_cluster):
+    from services.hooks import HooksService
+
+    cluster = make_cluster(1, extra=f'[[vip]]\naddress = "{VIP_A}/8"\ninterface = "lo"\n[hooks]\nvip = "/bin/true"\n')
+    svc = HooksService(cluster, "n1")
+    alarms = []
+
+    async def alarm(kind, message, **details):
+        alarms.append((kind, details))
+
+    svc.alarm = alarm
+
+    async def scenario():
+        svc.vips_known = set()
+        for i in range(MAX_QUEUED + 5):
+            svc._vips_now({"injection": (VIP_A,) if i % 2 == 0 else (), "outbound": ()})
+        await asyncio.sleep(0)           # the alarm task
+        return svc.rpc_status()["kinds"]["vip"]
+
+    st = asyncio.run(scenario())
+    assert st["queued"] == MAX_QUEUED and st["counters"]["dropped"] == 5
+    assert st["waiting"][0] == f"release {VIP_A}/8"       # the oldest five went (acquire, release, ...)
+    assert [k for k, _ in alarms] == ["hook_queue_full"]      # once, not five times
+    assert svc.vips_told == {VIP_A}                           # dropped runs count as told
