@@ -225,6 +225,8 @@ class HealthService(Service):
                     continue
                 timeout = due
             else:
+                # the first report carries every first result at once: a change now is in it
+                self.wake.clear()
                 timeout = max(0.0, self.first_round_by - time.monotonic())
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout)

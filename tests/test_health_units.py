@@ -465,3 +465,54 @@ def test_check_summary_status_vip_list_console_and_metrics(make_cluster):
     assert 'ecluster_check_healthy{check="mta",kind="smtp"} 0' in text
     assert 'ecluster_check_failures_total{check="mta",kind="smtp"} 1' in text
     assert "# TYPE ecluster_check_probes_total counter" in text
+
+
+def test_first_report_waits_for_every_first_result_without_spinning(make_cluster):
+    srv = Listener(None)
+    svc, sent = health_service(make_cluster, f'''
+[[check]]
+name = "fast"
+kind = "tcp"
+port = {srv.port}
+interval = 0.1
+[[check]]
+name = "slow"
+kind = "command"
+command = ["sleep", "0.6"]
+timeout = 2.0
+interval = 5
+''')
+
+    async def scenario():
+        await svc.handle_init()
+        t0 = time.process_time()
+        while not sent:
+            await asyncio.sleep(0.02)
+        spent = time.process_time() - t0
+        await svc.handle_stop()
+        return spent
+
+    try:
+        cpu = asyncio.run(scenario())
+    finally:
+        srv.close()
+    first = sent[0][2]
+    assert first["checks"]["fast"]["state"] == first["checks"]["slow"]["state"] == HEALTHY
+    assert first["unknown"] == [] and cpu < 0.3, cpu
+
+
+def test_move_to_a_node_failing_a_check_is_refused(make_cluster):
+    from services.base import ServiceError
+    from services.election import LEADER, ElectionService
+    cluster = make_cluster(3, 0, extra=f'[[vip]]\naddress = "{A}/24"\ninterface = "eth0"\n'
+                                         '[[check]]\nname = "mta"\nkind = "tcp"\nport = 2525\n')
+    es = ElectionService(cluster, "n1")
+    now = time.monotonic()
+    es.role = LEADER
+    es.view = {"members": {n: {"state": "alive"} for n in cluster.nodes}}
+    for n in cluster.nodes:
+        es.vip_status[n] = {"held": [], "_at": now}
+    es.health.take("n3", report([A]), now)
+    with pytest.raises(ServiceError) as e:
+        asyncio.run(es.rpc_move(A, "n3"))
+    assert e.value.code == "node_unhealthy" and "\n" not in e.value.message
