@@ -43,9 +43,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import os
 import signal
-import math
 import time
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
