@@ -349,3 +349,29 @@ def test_the_service_drops_the_oldest_run_and_alarms_once(make_cluster):
     assert st["waiting"][0] == f"release {VIP_A}/8"       # the oldest five went (acquire, release, ...)
     assert [k for k, _ in alarms] == ["hook_queue_full"]      # once, not five times
     assert svc.vips_told == {VIP_A}                           # dropped runs count as told
+
+
+def test_a_missing_program_or_a_failing_hook_raises_hook_failed(make_cluster, tmp_path):
+    from services.hooks import HooksService
+
+    cluster = make_cluster(1, extra='[hooks]\nmember = "/nonexistent/on-member"\nconfig = ["sh", "-c", "exit 4"]\n')
+    svc = HooksService(cluster, "n1")
+    alarms = []
+
+    async def alarm(kind, message, **details):
+        alarms.append((kind, details))
+
+    svc.alarm = alarm
+
+    async def scenario():
+        await svc._run(svc.kinds["member"], HookEvent("member", "dead", "n2"))
+        await svc._run(svc.kinds["config"], HookEvent("config", "applied", "a" * 40))
+
+    asyncio.run(scenario())
+    (k1, d1), (k2, d2) = alarms
+    assert k1 == k2 == "hook_failed"
+    assert (d1["hook"], d1["event"], d1["subject"]) == ("member", "member.dead", "n2")
+    assert d1["reason"].startswith("cannot start")
+    assert (d2["hook"], d2["event"], d2["reason"]) == ("config", "config.applied", "exit status 4")
+    st = svc.rpc_status()["kinds"]
+    assert st["member"]["counters"]["not_started"] == 1 and st["config"]["last"]["returncode"] == 4
