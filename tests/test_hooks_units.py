@@ -217,9 +217,10 @@ timeout = {HOOK_TIMEOUT}
                     lab.start_hooks(n)
                 else:
                     procs.start(["service", "run", s, "-c", cluster.path, "-m", n], name=f"{s}-{n}")
-        wait_until(lambda: sorted(lab.calls("n1")) == [("acquire", f"{VIP_A}/8"), ("acquire", f"{VIP_OUT}/8")],
+        # the net state told (a start-up reshuffle may have told more before it)
+        wait_until(lambda: lab.call("n1", "hooks", "status", timeout=1.0)["vips_told"] == [VIP_A, VIP_OUT],
                    timeout=40, what="n1's hooks told of its VIPs")
-        wait_until(lambda: lab.calls("n2") == [("acquire", f"{VIP_B}/8")], timeout=20,
+        wait_until(lambda: lab.call("n2", "hooks", "status", timeout=1.0)["vips_told"] == [VIP_B], timeout=20,
                    what="n2's hook told of its VIP")
         yield lab
     finally:
@@ -238,7 +239,8 @@ def test_every_call_has_its_environment(lab):
                                                                   lab.cluster.name)
     assert by_vip[f"{VIP_A}/8"][2] == "injection"
     st = lab.call("n1", "hooks", "status")
-    assert st["kinds"]["vip"]["counters"]["ok"] == 2 and st["vips_told"] == [VIP_A, VIP_OUT]
+    assert st["kinds"]["vip"]["counters"]["ok"] >= 2 and st["vips_told"] == [VIP_A, VIP_OUT]
+    assert by_vip[f"{VIP_A}/8"][0] == "acquire"
     assert st["kinds"]["member"]["argv"] == []
 
 
