@@ -164,6 +164,16 @@ class HooksLab:
     def held(self, node: str) -> list[str]:
         return self.call(node, "vip", "status")["held"]
 
+    def idle(self) -> bool:
+        """Every VIP where it belongs and each node's vip hooks told of it, nothing queued or running."""
+        want = {"n1": [VIP_A, VIP_OUT], "n2": [VIP_B]}
+        for node, vips in want.items():
+            st = self.call(node, "hooks", "status", timeout=1.0)
+            vip = st["kinds"]["vip"]
+            if st["vips_told"] != vips or vip["queued"] or vip["running"]:
+                return False
+        return True
+
 
 HOOK_SCRIPT = """#!/bin/sh
 # test vip hook: one line per call; hangs while {logdir}/hang exists
@@ -246,6 +256,7 @@ def test_every_call_has_its_environment(lab):
 
 @pytestmark_bus
 def test_a_move_gives_release_on_the_old_owner_and_acquire_on_the_new(lab):
+    wait_until(lab.idle, timeout=20, what="the hooks of the tests before done")
     n1, n2 = len(lab.lines("n1")), len(lab.lines("n2"))
     lab.call("n1", "election", "move", vip=VIP_A, node="n2")
     try:
@@ -261,6 +272,7 @@ def test_a_move_gives_release_on_the_old_owner_and_acquire_on_the_new(lab):
 
 @pytestmark_bus
 def test_a_restart_of_the_hooks_service_repeats_nothing_and_tells_what_it_missed(lab):
+    wait_until(lab.idle, timeout=20, what="the hooks of the tests before done")
     n1 = len(lab.lines("n1"))
     lab.procs.stop(lab.hooks_proc["n1"], sig=signal.SIGKILL)
     lab.call("n1", "election", "move", vip=VIP_A, node="n2")       # while n1's hooks service is down
@@ -283,6 +295,7 @@ def test_a_hung_hook_is_killed_at_its_timeout_and_alarmed_and_holds_nothing_up(l
     sub.setsockopt(zmq.SUBSCRIBE, b"alarm.hook_failed")
     sub.connect(lab.cluster.member("n2").ipc_pub)
     hang = lab.logdir / "hang"
+    wait_until(lab.idle, timeout=20, what="the hooks of the tests before done")
     n2 = len(lab.lines("n2"))
     hang.touch()
     try:
