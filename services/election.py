@@ -583,7 +583,15 @@ class ElectionService(Service):
         if spec.follow:
             raise ServiceError(f"VIP {key} follows {spec.follow}: move that one instead", "follower")
         failing = {v for v, nodes in self.health.ineligible(time.monotonic()).items() if node in nodes}
-        group = {s.key for s in self.specs if s.key == key or (s.follow and vip_key(s.follow) == key)}
+        follow_of = {s.key: vip_key(s.follow) for s in self.specs if s.follow}
+
+        def leader_of(k: str) -> str:
+            seen = set()
+            while k in follow_of and k not in seen:   # validated acyclic; the set only guards
+                seen.add(k)
+                k = follow_of[k]
+            return k
+        group = {s.key for s in self.specs if leader_of(s.key) == key}     # the VIP and its followers
         if failing & group:
             raise ServiceError(f"node {node!r} fails a health check guarding {', '.join(sorted(failing & group))}:"
                                " refusing the move", "node_unhealthy")

@@ -505,14 +505,15 @@ def test_move_to_a_node_failing_a_check_is_refused(make_cluster):
     from services.base import ServiceError
     from services.election import LEADER, ElectionService
     cluster = make_cluster(3, 0, extra=f'[[vip]]\naddress = "{A}/24"\ninterface = "eth0"\n'
-                                         '[[check]]\nname = "mta"\nkind = "tcp"\nport = 2525\n')
+                                         f'[[vip]]\naddress = "{B}/24"\ninterface = "eth0"\nfollow = "{A}"\n'
+                                         f'[[check]]\nname = "mta"\nkind = "tcp"\nport = 2525\nvips = ["{B}"]\n')
     es = ElectionService(cluster, "n1")
     now = time.monotonic()
     es.role = LEADER
     es.view = {"members": {n: {"state": "alive"} for n in cluster.nodes}}
     for n in cluster.nodes:
         es.vip_status[n] = {"held": [], "_at": now}
-    es.health.take("n3", report([A]), now)
+    es.health.take("n3", report([B]), now)          # the follower's check fails on n3
     with pytest.raises(ServiceError) as e:
         asyncio.run(es.rpc_move(A, "n3"))
-    assert e.value.code == "node_unhealthy" and "\n" not in e.value.message
+    assert e.value.code == "node_unhealthy" and "\n" not in e.value.message and B in e.value.message
