@@ -306,6 +306,14 @@ def http_response(status: str, body: bytes, content_type: str = "text/plain; cha
 
 # -- the service -----------------------------------------------------------------------------
 
+def metrics_sources(names: list[str], load) -> tuple[list[str], set[str]]:
+    """(services asked for ``metrics()``, the built-ins among them) out of the local service
+    ``names``; ``load(name)`` gives a service class. Plug-ins always; built-ins when they
+    define an ``rpc_metrics`` (health, hooks), answered in the plug-in form."""
+    builtin = {n for n in names if load(n).builtin and callable(getattr(load(n), "rpc_metrics", None))}
+    return [n for n in names if not load(n).builtin or n in builtin], builtin
+
+
 
 class MetricsService(Service):
     """Serves ``/metrics`` on the member's address and ``metrics_port`` (see the module docstring)."""
@@ -328,11 +336,7 @@ class MetricsService(Service):
         from services.base import load_service, services_for
         names = await self.offload(services_for, self.cluster, self.member.name)
         self.local = names
-        # plug-ins, and built-ins with a metrics() RPC of their own (health, hooks): asked
-        # for metrics() and answered in the plug-in form
-        self.builtin_sources = {n for n in names if load_service(n).builtin
-                                and callable(getattr(load_service(n), "rpc_metrics", None))}
-        self.plugins = [n for n in names if not load_service(n).builtin or n in self.builtin_sources]
+        self.plugins, self.builtin_sources = metrics_sources(names, load_service)
         await self._listen()
 
     async def handle_tick(self) -> None:

@@ -517,3 +517,37 @@ def test_move_to_a_node_failing_a_check_is_refused(make_cluster):
     with pytest.raises(ServiceError) as e:
         asyncio.run(es.rpc_move(A, "n3"))
     assert e.value.code == "node_unhealthy" and "\n" not in e.value.message and B in e.value.message
+
+
+def test_metrics_asks_builtins_with_a_metrics_rpc_and_leaves_out_those_not_running(make_cluster):
+    from bus.client import RemoteError
+    from services.metrics import MetricsService
+
+    cluster = make_cluster(2, 0, extra='[[check]]\nname = "mta"\nkind = "tcp"\nport = 25\n')
+    health = HealthService(cluster, "n1")
+    health.states["mta"].record(True, 1.0, None, 0.002)
+    ms = MetricsService(cluster, "n1")
+    asked = []
+
+    async def call(member, service, method, timeout=2.0, **args):
+        asked.append((service, method))
+        if service == "health" and method == "metrics":
+            return health.rpc_metrics()
+        if service == "hooks":
+            raise RemoteError("no_service", "no service hooks on n1")
+        raise RemoteError("no_service", f"no service {service}")
+    ms.call = call
+
+    async def scenario():
+        # what handle_init does, without binding the HTTP port
+        from services.base import load_service, services_for
+        from services.metrics import metrics_sources
+        ms.local = services_for(cluster, "n1")
+        ms.plugins, ms.builtin_sources = metrics_sources(ms.local, load_service)
+        return await ms.scrape()
+    text = asyncio.run(scenario())
+    assert "health" in ms.builtin_sources and ("health", "metrics") in asked
+    assert 'ecluster_check_healthy{check="mta",kind="tcp"} 1' in text
+    assert 'ecluster_service_up{service="health"} 1' in text
+    assert 'service="hooks"' not in text                      # not started here: left out
+    assert 'ecluster_service_up{service="vip"} 0' in text     # a core source not answering is down
