@@ -263,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"bench/checks.py: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001 - a lab that would not come up or settle: one line
+        print(f"bench/checks.py: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(ECL_KEEP=1 keeps the data dirs and logs)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bench/checks.py: interrupted (everything started was stopped)", file=sys.stderr)
         return 130
