@@ -194,7 +194,10 @@ class HealthService(Service):
                 ok, error, took = False, f"probe error: {e!r}"[:200], 0.0
             new = state.record(ok, time.time(), error, took)
             if new is not None:
-                await self._changed(check, new, state)
+                try:
+                    await self._changed(check, new, state)
+                except Exception:  # noqa: BLE001 - an alarm that cannot go out must not stop the check
+                    self.log.exception("check %s: telling the change failed", check.name)
             # start to start, never a burst after a slow probe
             next_at = max(next_at + check.interval, time.monotonic())
             await asyncio.sleep(next_at - time.monotonic())
@@ -221,7 +224,10 @@ class HealthService(Service):
                 due = self.published_at + self.heartbeat - time.monotonic()
                 if self.wake.is_set() or due <= 0:
                     self.wake.clear()
-                    await self._publish()
+                    try:
+                        await self._publish()
+                    except Exception:  # noqa: BLE001 - try again at the next heartbeat
+                        self.log.exception("publishing health.status failed")
                     continue
                 timeout = due
             else:
