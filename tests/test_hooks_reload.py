@@ -56,3 +56,12 @@ def test_a_commit_reaches_every_service_of_the_member_and_the_config_hook(make_c
                timeout=20, what="the config hook told of the commit")
     # once per revision: the commit's line is there once
     assert log.read_text().splitlines().count(f"applied {rev} config.applied n1") == 1
+    # the hooks service's families reach the member's Prometheus endpoint
+    import urllib.request
+    m = cluster.member("n1")
+
+    def scrape():
+        with urllib.request.urlopen(f"http://{m.address}:{m.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+    wait_until(lambda: 'ecluster_hooks_runs_total{member="n1",hook="config",result="ok"}' in scrape(), timeout=15,
+               what="hooks families in the scrape")
