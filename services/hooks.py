@@ -271,7 +271,6 @@ class HooksService(Service):
         self.first_start = True                      # no state file: the first report is told as it is
         self.alive: dict[str, bool] | None = None
         self.runners: list[asyncio.Task] = []
-        self.running_pids: set[int] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
     async def handle_init(self) -> None:
@@ -419,15 +418,12 @@ class HooksService(Service):
 
         def on_start(pid: int) -> None:
             ks.running = (event, started, pid)
-            self.running_pids.add(pid)
 
         ks.running = (event, started, None)
         try:
             cwd = str(self.data_dir) if Path(self.data_dir).is_dir() else None
             result = await run_hook(argv, env, self.timeout, cwd, on_start)
         finally:
-            if ks.running and ks.running[2] is not None:
-                self.running_pids.discard(ks.running[2])
             ks.running = None
         ks.counters["runs"] += 1
         reason = failure_reason(result.returncode, result.timed_out, result.start_error, self.timeout)
