@@ -34,7 +34,7 @@ Shape (every key not listed here is an error naming the key and the file)::
                              # "command": run it (no shell), exit 0 = healthy
     port = 25                # tcp / smtp
     address = "127.0.0.1"    # tcp / smtp (default loopback)
-    command = ["/usr/local/bin/check-mta", "--quick"]   # command kind: list, or one string split like a shell
+    # command = ["/usr/local/bin/check-mta", "--quick"]   # kind "command": list, or a string split like a shell
     interval = 0.5           # seconds between probes
     timeout = 1.0            # a probe that takes longer failed (a command is killed)
     fall = 3                 # failed probes in a row before unhealthy
@@ -219,6 +219,9 @@ SECTIONS: dict[str, dict[str, tuple[type | tuple, Any]]] = {
 }
 # Plug-in service sections ([services.<name>]): name -> schema, registered by plug-ins.
 SERVICE_SECTIONS: dict[str, dict[str, tuple[type | tuple, Any]]] = {}
+# Plug-in value checks: name -> check(cluster), raising ClusterFileError (a plug-in class's
+# ``check_config`` classmethod): a wrong value is refused where the file is read, naming the key.
+SERVICE_CHECKS: dict[str, Any] = {}
 
 
 def register_section(service: str, schema: dict[str, tuple[type | tuple, Any]]) -> None:
@@ -381,10 +384,19 @@ def parse_cluster(text: str, path: Path) -> Cluster:
         services[name] = _check_table(f"services.{name}", path, table, schema)
 
     keys_dir = _resolve(base, c["keys"])
-    return Cluster(path=path, name=c["name"], keys_dir=keys_dir, timing=timing_preset(c["preset"]),
-                   nodes=members["node"], managers=members["manager"], vips=vips,
-                   vip_dry_run=c["vip_dry_run"], sections=sections, services=services,
-                   checks=checks, hooks=hooks)
+    cluster = Cluster(path=path, name=c["name"], keys_dir=keys_dir, timing=timing_preset(c["preset"]),
+                      nodes=members["node"], managers=members["manager"], vips=vips,
+                      vip_dry_run=c["vip_dry_run"], sections=sections, services=services,
+                      checks=checks, hooks=hooks)
+    for name in services:
+        check = SERVICE_CHECKS.get(name)
+        if check is not None:
+            try:
+                check(cluster)
+            except ClusterFileError as e:
+                msg = str(e)
+                raise ClusterFileError(msg if msg.startswith(f"{path}:") else f"{path}: {msg}") from None
+    return cluster
 
 
 def _vip(path: Path, i: int, table: Any, nodes: dict[str, Member]) -> Vip:
@@ -555,6 +567,9 @@ def _load_plugin_sections() -> None:
         schema = getattr(cls, "config_schema", None)
         if schema:
             SERVICE_SECTIONS.setdefault(ep.name, schema)
+        check = getattr(cls, "check_config", None)
+        if callable(check):
+            SERVICE_CHECKS.setdefault(ep.name, check)
 
 
 def load_cluster(path: str | Path) -> Cluster:

@@ -30,9 +30,11 @@ It must never plumb, release or move anything itself: the coordinator decides (d
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import time
+from collections import deque
 from typing import Any
 
 from node.health import UNHEALTHY, UNKNOWN, CheckState, guarded_vips
@@ -143,6 +145,12 @@ async def run_probe(check) -> tuple[bool, str | None, float]:
         return False, why or type(e).__name__, time.monotonic() - t0
 
 
+def max_in_flight(interval: float, timeout: float) -> int:
+    """How many probes of one check may be under way at once: enough that a probe starts
+    every interval while each may take its whole timeout. Pure."""
+    return max(1, math.ceil(timeout / interval)) + 1
+
+
 class HealthService(Service):
     """Runs the node's checks and reports them (see the module docstring)."""
 
@@ -183,24 +191,49 @@ class HealthService(Service):
 
     # -- probing --------------------------------------------------------------------
     async def _check_loop(self, check) -> None:
+        """A probe starts every ``interval`` whether or not the one before has answered
+        (at most :func:`max_in_flight` at a time), and results count in start order. So a
+        service that hangs is unhealthy ``fall x interval + timeout`` after it stopped at
+        the latest, as the budget of docs/CHECKS.md says, not ``fall x timeout``."""
         state = self.states[check.name]
+        in_flight: deque[asyncio.Task] = deque()
+        cap = max_in_flight(check.interval, check.timeout)
         next_at = time.monotonic()
-        while True:
-            try:
-                ok, error, took = await run_probe(check)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a bug in a probe is a failed probe, not a dead loop
-                ok, error, took = False, f"probe error: {e!r}"[:200], 0.0
+        try:
+            while True:
+                if len(in_flight) >= cap:          # never more than the cap: wait for the oldest
+                    await asyncio.wait({in_flight[0]})
+                    await self._take_results(check, state, in_flight)
+                in_flight.append(asyncio.ensure_future(self._probe(check)))
+                next_at = max(next_at + check.interval, time.monotonic())   # start to start, no bursts
+                while (delay := next_at - time.monotonic()) > 0:
+                    if in_flight:
+                        await asyncio.wait({in_flight[0]}, timeout=delay)
+                        await self._take_results(check, state, in_flight)
+                    else:
+                        await asyncio.sleep(delay)
+        finally:
+            for task in in_flight:
+                task.cancel()
+
+    @staticmethod
+    async def _probe(check) -> tuple[bool, str | None, float]:
+        try:
+            return await run_probe(check)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug in a probe is a failed probe, not a dead loop
+            return False, f"probe error: {e!r}"[:200], 0.0
+
+    async def _take_results(self, check, state: CheckState, in_flight: deque) -> None:
+        while in_flight and in_flight[0].done():
+            ok, error, took = in_flight.popleft().result()
             new = state.record(ok, time.time(), error, took)
             if new is not None:
                 try:
                     await self._changed(check, new, state)
                 except Exception:  # noqa: BLE001 - an alarm that cannot go out must not stop the check
                     self.log.exception("check %s: telling the change failed", check.name)
-            # start to start, never a burst after a slow probe
-            next_at = max(next_at + check.interval, time.monotonic())
-            await asyncio.sleep(next_at - time.monotonic())
 
     async def _changed(self, check, new: str, state: CheckState) -> None:
         self.wake.set()

@@ -1,0 +1,1 @@
+"""ecluster-postfix: run Debian's Postfix behind ecluster's VIPs (see docs/POSTFIX.md)."""
