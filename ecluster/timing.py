@@ -135,7 +135,10 @@ def _make(name: str, probe_interval: float, k_suspect: float, k_dead: float,
         lease=lease_factor * dead_after,
         max_drift=0.001,          # 1000 ppm: far above any real quartz, cheap insurance
         margin=max(0.02, probe_interval),
-        garp_repeat_after=2.0,
+        # Linux ignores an ARP update of a neighbour entry changed less than locktime (1 s by
+        # default) before: a client whose entry was refreshed just before the takeover keeps the
+        # old owner's MAC until the repeat, so the repeat comes just after locktime
+        garp_repeat_after=1.1,
         reconcile_every=max(0.5, 5 * probe_interval),
         anti_flap=max(1.0, 10 * probe_interval),
         zmq_heartbeat_ivl_ms=zmq_hb_ms,

@@ -125,11 +125,17 @@ class DirLock:
         self.release()
 
 
-def ensure_data_dir(member: Member) -> Path:
-    """Create ``member``'s data, run and log directories (0700); return the data dir."""
+def ensure_data_dir(member: Member, keep_search: bool = False) -> Path:
+    """Create ``member``'s data, run and log directories (0700); return the data dir.
+
+    ``keep_search``: leave a search bit (x) for group or others that the data directory
+    already has (read and write bits still go). A plug-in whose daemons run as another user
+    (Postfix, under <data_dir>/postfix) grants it; the broker, restarted in a running
+    member, must not take it away again. run/ and log/ are always 0700."""
     for d in (member.data_dir, member.run_dir, member.data_dir / "log"):
         d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o700)
+        keep = (d.stat().st_mode & 0o011) if keep_search and d == member.data_dir else 0
+        os.chmod(d, 0o700 | keep)
     return member.data_dir
 
 

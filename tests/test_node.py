@@ -251,3 +251,17 @@ def test_python_m_cli_and_usage_errors():
     r = subprocess.run([*CLI, "demo", "--help"], capture_output=True, text=True, timeout=30,
                        env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0 and "make demo" in r.stdout
+
+
+def test_ensure_data_dir_can_keep_a_granted_search_bit(make_cluster):
+    """A plug-in (Postfix) may let its own user pass through the data directory; the broker,
+    restarted inside a running member, keeps that bit, and never gives read or write."""
+    cluster = make_cluster(1)
+    m = cluster.member("n1")
+    ensure_data_dir(m)
+    os.chmod(m.data_dir, 0o755)
+    ensure_data_dir(m, keep_search=True)
+    assert (m.data_dir.stat().st_mode & 0o777) == 0o711
+    assert (m.run_dir.stat().st_mode & 0o777) == 0o700
+    ensure_data_dir(m)
+    assert (m.data_dir.stat().st_mode & 0o777) == 0o700

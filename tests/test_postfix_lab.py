@@ -48,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 # a probe waits 2 s for the greeting: on this 2-core box a whole lab (40 processes) shares
 # the cores with Postfix, and a 1 s greeting timeout was seen to fail three times in a row
 INTERVAL, TIMEOUT, FALL, RISE = 0.5, 2.0, 3, 2
+SWAKS_TIMEOUT = 4
 
 EXTRA = f"""
 [as_logger]
@@ -182,7 +183,8 @@ def commit(lc, member: str, files: dict[str, str], message: str) -> dict:
 
 def test_outbound_mail_leaves_from_the_outbound_vip(lc):
     owner = on_preferred_node(lc)
-    wait_for(lambda: OUT_VIP in postfix_status(lc, owner)["held"]["outbound"], 20, what="n1 holds the outbound VIP")
+    wait_for(lambda: postfix_status(lc, owner)["sending_from"] == [OUT_VIP], 20,
+             what="n1's Postfix sending from the outbound VIP")
     mid = f"<out.{os.urandom(4).hex()}@client.lab.test>"
     r = swaks(lc, "someone@remote.test", mid)
     assert r.returncode == 0, r.stdout[-2000:]
@@ -218,6 +220,7 @@ def test_hung_postfix_moves_the_vip_and_it_returns_after_rise(lc):
     owner = on_preferred_node(lc)
     pids = postfix_pids(lc, owner)
     t0 = time.monotonic()
+    print(f"\nSIGSTOP {time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} to {pids}")
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
@@ -259,7 +262,7 @@ def test_mail_while_the_owner_is_killed(lc):
         mid = f"<pf.{token}.{n}@client.lab.test>"
         while True:                          # retry one message until it gets its 250
             attempts += 1
-            r = swaks(lc, f"user{n}@{DOMAIN}", mid, timeout=8.0)
+            r = swaks(lc, f"user{n}@{DOMAIN}", mid, timeout=SWAKS_TIMEOUT)
             if r.returncode == 0:
                 accepted[mid] = time.monotonic()
                 break
@@ -275,7 +278,8 @@ def test_mail_while_the_owner_is_killed(lc):
     first_after = min(t for t in accepted.values() if t > t_kill) - t_kill
     print(f"\n{len(accepted)} messages accepted in {attempts} swaks sessions; first 250 after the kill "
           f"{first_after:.2f} s")
-    assert first_after < 10.0
+    # an attempt under way at the kill waits out its timeout; the next one meets the new owner
+    assert first_after < SWAKS_TIMEOUT + 2 * lc.cluster.timing.dead_after + 3.0
 
     lc.revive_member(owner)                  # its queue delivers, its journal can be read
     wait_for(lambda: set(accepted) <= set(delivered(lc)), 90, interval=0.5, what="every accepted message delivered")

@@ -23,7 +23,7 @@ def bus_run(config: ConfigOpt = None, member: MemberOpt = ...):
     from node.datadir import broker_lock, ensure_data_dir
     cluster = load(config)
     m = cluster.member(member)
-    ensure_data_dir(m)
+    ensure_data_dir(m, keep_search=True)      # what the runner or a plug-in set stays
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     with broker_lock(m):

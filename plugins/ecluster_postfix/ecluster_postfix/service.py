@@ -61,6 +61,9 @@ ROTATION_GRACE = 2.0             # a renamed log is read this long past its last
 WRITE_TIMEOUT = 30.0
 AUDIT_TIMEOUT = 10.0
 RESTART_BACKOFF_MAX = 30.0
+#: between the reload that adds transports and the one that uses them: the master takes a
+#: SIGHUP in its next loop turn (milliseconds); daemons started meanwhile see both sets
+TRANSPORT_SETTLE = 0.1
 
 
 class PostfixService(Service):
@@ -124,6 +127,7 @@ class PostfixService(Service):
             await self.alarm("postfix.refused", f"postfix on {self.member.name}: {self.refused}")
             return
         await self.offload(self._prepare_dirs)
+        await self.offload(self._allow_nonlocal_bind)
         self.fragments, self.fragment_error = await self.offload(self._load_fragments)
         if self.fragment_error:
             await self.alarm("postfix.config_refused", self.fragment_error)
@@ -170,6 +174,21 @@ class PostfixService(Service):
             except OSError as e:
                 return f"cannot check {parent}: {e}"
         return None
+
+    def _allow_nonlocal_bind(self) -> None:
+        """A reload that races a VIP leaving this host would make Postfix's master fail to bind
+        the address and exit, dropping every connection: with ``ip_nonlocal_bind`` a socket
+        may be bound to an address not (or no longer) on the host. keepalived's docs ask for
+        the same; conf/sysctl.d/ships it. ``nonlocal_bind = false`` leaves the host alone."""
+        if not self.settings.nonlocal_bind:
+            return
+        knob = Path("/proc/sys/net/ipv4/ip_nonlocal_bind")
+        try:
+            if knob.read_text().strip() != "1":
+                knob.write_text("1\n")
+                self.log.warning("set net.ipv4.ip_nonlocal_bind = 1 (Postfix binds VIPs that may leave during a reload)")
+        except OSError as e:
+            self.log.error("cannot set net.ipv4.ip_nonlocal_bind: %s (a reload racing a VIP move may stop Postfix)", e)
 
     def _prepare_dirs(self) -> None:
         p = self.paths
@@ -248,14 +267,15 @@ class PostfixService(Service):
                 both = master_cf(self.settings, held_injection=self._listening_now(master),
                                  held_outbound=tuple(sorted(set(outbound) | set(before_out))))
                 await self.offload(self._write_files, before[0], both)
-                ok, out = await self._postfix("reload")
+                ok, out = await self._reload()
                 if not ok:
                     self.log.error("postfix reload (transports first) failed: %s", out)
+                await asyncio.sleep(TRANSPORT_SETTLE)
             await self.offload(self._write_files, main, master)
             self.written, self.written_outbound = (main, master), outbound
             if not running:
                 return True
-            ok, out = await self._postfix("reload")
+            ok, out = await self._reload()
             if ok:
                 self.counters["reloads"] += 1
                 if set(outbound) - set(before_out):
@@ -357,6 +377,20 @@ class PostfixService(Service):
             text = await self.offload(self._last_log_line)
         return p.returncode == 0, text[-500:]
 
+    async def _reload(self) -> tuple[bool, str]:
+        """What ``postfix reload`` does once its checks pass: SIGHUP to the master, which
+        re-reads main.cf and master.cf. The files are ours and were checked before they were
+        written, and the script's checks cost 0.3-1 s on a busy host: a VIP that moved here
+        would wait that long for its listener. Without a master pid, the script."""
+        pid = await self.offload(self._master_pid)
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGHUP)
+                return True, ""
+            except OSError as e:
+                self.log.warning("SIGHUP to the master (pid %d) failed: %s", pid, e)
+        return await self._postfix("reload")
+
     def _last_log_line(self) -> str:
         try:
             with open(self.paths.maillog, "rb") as f:
@@ -387,7 +421,7 @@ class PostfixService(Service):
                 self.adopted_pid = pid
                 self.log.info("adopting the running Postfix master (pid %d)", pid)
                 self.written = ("", "")          # make sure it runs what we just wrote
-                await self._postfix("reload")
+                await self._reload()
                 return
         await self._start()
 
@@ -411,6 +445,14 @@ class PostfixService(Service):
     async def handle_tick(self) -> None:
         if self.refused or self.stopping or not hasattr(self, "tail_task"):
             return
+        try:
+            mode = self.data_dir.stat().st_mode
+            if not mode & 0o001:
+                os.chmod(self.data_dir, (mode & 0o7777) | 0o001)
+                self.log.warning("%s had lost its o+x (Postfix's user must pass through it): given back",
+                                 self.data_dir)
+        except OSError:
+            pass
         if self._running():
             if self.restarts and time.monotonic() - getattr(self, "started_at", 0) > 60:
                 self.restarts = 0
@@ -665,6 +707,7 @@ class PostfixService(Service):
         return {"node": self.member.name, "refused": self.refused, "running": self._running() if self.settings else False,
                 "pid": (self.proc.pid if self.proc and self.proc.returncode is None else self.adopted_pid),
                 "held": self.held_vips, "listening": _listen_lines(self.written[1]),
+                "sending_from": list(self.written_outbound),
                 "fragments": [f"{p.file}:{p.line} {p.name}" for p in self.fragments],
                 "applied_rev": self.last_applied_rev, "counters": self.counters,
                 "log": {"ino": st.ino, "offset": st.offset, "seq": st.seq, "pending": st.pending}}

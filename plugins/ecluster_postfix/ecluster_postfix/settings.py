@@ -15,6 +15,7 @@
     log = "mainlog"                # the journal log Postfix's log lines go to
     maillog_rotate_mb = 64         # the plug-in rotates Postfix's log file past this size
     postfix = "/usr/sbin/postfix"  # the postfix command (postconf beside it)
+    nonlocal_bind = true           # set net.ipv4.ip_nonlocal_bind = 1 (see service.py: why)
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ CONFIG_SCHEMA: dict[str, tuple] = {
     "log": (str, "mainlog"),
     "maillog_rotate_mb": ((int, float), 64),
     "postfix": (str, "/usr/sbin/postfix"),
+    "nonlocal_bind": (bool, True),
 }
 
 _DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$")
@@ -67,6 +69,7 @@ class Settings:
     log: str
     maillog_rotate_bytes: int
     postfix: str
+    nonlocal_bind: bool = True
 
 
 def check_settings(table: dict[str, Any], *, member: str, cluster: str, journal_logs: list[str],
@@ -115,4 +118,4 @@ def check_settings(table: dict[str, Any], *, member: str, cluster: str, journal_
         raise PostfixConfigError(f"'{where}.postfix' must be an absolute path, got {t['postfix']!r:.60}")
     return Settings(tuple(domains), relayhost, tuple(nets), t["port"], t["loopback"], hostname,
                     t["message_size_limit"], t["maildir_owner"], mail, t["log"],
-                    int(t["maillog_rotate_mb"] * 1024 * 1024), t["postfix"])
+                    int(t["maillog_rotate_mb"] * 1024 * 1024), t["postfix"], t["nonlocal_bind"])
