@@ -7,8 +7,9 @@ VENV       := .venv
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.ecluster-installed
 PYTEST     := $(VENV)/bin/pytest -q -p no:cacheprovider
-# tool:package; chromium drives the console tests, spin checks the protocol model
-SYS_TOOLS  := ip:iproute2 chromium:chromium spin:spin gcc:gcc
+# tool:package; chromium drives the console tests, spin checks the protocol model, postfix and
+# swaks are the real MTA and SMTP client of the Postfix plug-in's tests
+SYS_TOOLS  := ip:iproute2 chromium:chromium spin:spin gcc:gcc postfix:postfix swaks:swaks
 BENCH_TOOLS := ip:iproute2 keepalived:keepalived arping:arping
 
 PHONY_EXTRA := benchdeps _install
@@ -19,9 +20,10 @@ all: test
 $(PY):
 	python3 -m venv $(VENV)
 
-$(STAMP): pyproject.toml plugins/ecluster_smtp/pyproject.toml | $(PY)
+$(STAMP): pyproject.toml plugins/ecluster_smtp/pyproject.toml plugins/ecluster_postfix/pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q -e plugins/ecluster_smtp
+	$(PY) -m pip install -q -e plugins/ecluster_postfix
 	touch $@
 
 # tool:package pairs; apt-get only for what is missing, and only as root
@@ -40,6 +42,9 @@ _install:
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \
+	    case " $$missing " in *" postfix "*) \
+	      echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections 2>/dev/null;; \
+	    esac; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \
 	      || echo "warning: could not install$$missing: tests that need them will skip"; \
 	  else \

@@ -154,11 +154,22 @@ def postfix_pids(lc, node: str) -> list[int]:
 
 
 def maillog_lines(lc, node: str) -> list[bytes]:
-    d = lc.root / node / "postfix" / "log"
+    """Every line Postfix wrote on ``node``: its log files, and the rotated ones the plug-in
+    removed once read (the test keeps a hard link to each before it rotates)."""
+    files = {f.stat().st_ino: f for f in (lc.root / node / "postfix" / "log").glob("maillog*")}
+    for f in (lc.root / "maillog-links" / node).glob("*"):
+        files.setdefault(f.stat().st_ino, f)
     out: list[bytes] = []
-    for f in sorted(d.glob("maillog*")):
+    for f in files.values():
         out += [ln for ln in f.read_bytes().split(b"\n") if ln]
     return out
+
+
+def supervised_pid(lc, node: str, program: str) -> int:
+    out = subprocess.run([str(Path(sys.executable).with_name("supervisorctl")), "-c",
+                          str(lc.root / node / "run" / "supervisord.conf"), "pid", program],
+                         capture_output=True, text=True, timeout=10)
+    return int(out.stdout.strip())
 
 
 def aggregated_mainlog(lc, node: str) -> list[bytes]:
@@ -246,6 +257,45 @@ def test_hung_postfix_moves_the_vip_and_it_returns_after_rise(lc):
     print(f"back on {owner} {back - t1:.2f} s after Postfix resumed (rise*interval = {RISE * INTERVAL:.1f} s, "
           f"anti_flap = {anti_flap:.1f} s)")
     assert back - t1 >= (RISE - 1) * INTERVAL + anti_flap, back - t1
+
+
+def test_log_lines_exactly_once_across_kills_and_rotation(lc):
+    """The plug-in is killed -9 twice while Postfix logs (it adopts the running master, and
+    settles a batch that was in flight from the journal's count), and Postfix's log is
+    rotated in between: the manager's aggregated mainlog still holds every line once."""
+    owner = on_preferred_node(lc)
+    etc = lc.root / owner / "postfix" / "etc"
+    maillog = lc.root / owner / "postfix" / "log" / "maillog"
+    links = lc.root / "maillog-links" / owner
+    links.mkdir(parents=True, exist_ok=True)
+    master = postfix_pids(lc, owner)[0]
+    token = os.urandom(3).hex()
+    for step in range(4):
+        for n in range(6):
+            assert swaks(lc, f"log{step}.{n}@{DOMAIN}", f"<log.{token}.{step}.{n}@client.lab.test>").returncode == 0
+        if step in (0, 2):
+            pid = supervised_pid(lc, owner, "postfix")
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: supervised_pid(lc, owner, "postfix") not in (0, pid), 30, interval=0.2,
+                     what="the postfix service restarted")
+        if step == 1:
+            os.link(maillog, links / f"maillog.{step}")      # the plug-in removes the rotated file
+            r = subprocess.run(["ip", "netns", "exec", lc.ns(owner), "postfix", "-c", str(etc), "logrotate"],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stdout + r.stderr
+    assert postfix_pids(lc, owner)[0] == master, "the restarted plug-in must adopt Postfix, not restart it"
+    wait_for(lambda: postfix_status(lc, owner)["counters"]["rotations"] >= 1, 30, interval=0.2,
+             what="the rotated log read to its end")
+
+    def same() -> bool:
+        return sorted(aggregated_mainlog(lc, owner)) == sorted(maillog_lines(lc, owner))
+    try:
+        wait_for(same, 60, interval=0.5, what="every log line aggregated once")
+    except AssertionError:
+        agg, lines = aggregated_mainlog(lc, owner), maillog_lines(lc, owner)
+        print(f"aggregated {len(agg)} ({len(set(agg))} distinct), written {len(lines)} ({len(set(lines))} distinct)")
+        raise
+    assert any(b"log." + token.encode() in ln for ln in aggregated_mainlog(lc, owner))
 
 
 def test_mail_while_the_owner_is_killed(lc):

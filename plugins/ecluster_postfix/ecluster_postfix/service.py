@@ -79,6 +79,11 @@ class PostfixService(Service):
     @classmethod
     def check_config(cls, cluster) -> None:
         """Called by the cluster-file parser: a bad value is an error naming the key."""
+        if "smtp" in cluster.services:
+            # both write the mainlog (the log reader's exactly-once needs to be its only
+            # writer) and both want port 25 of the injection VIPs
+            raise ClusterFileError("'services.postfix' and 'services.smtp' cannot run on the same nodes: "
+                                   "choose one MTA")
         for member in cluster.nodes:
             check_settings(cluster.services.get("postfix", {}), member=member, cluster=cluster.name,
                            journal_logs=log_names(cluster))
