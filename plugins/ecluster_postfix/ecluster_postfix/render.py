@@ -108,7 +108,7 @@ def parse_fragment(file: str, text: str) -> list[Parameter]:
         if cur is not None:
             out.append(Parameter(file, cur[0], cur[1], " ".join(cur[2])))
         name, eq, value = raw.partition("=")
-        name = name.strip()
+        name = name.rstrip()   # a line starting with other whitespace (U+00A0...) is a bad name
         if not eq:
             raise FragmentError(file, i, f"not 'name = value': {stripped[:60]!r}")
         if not _NAME_RE.match(name):

@@ -608,8 +608,8 @@ class PostfixService(Service):
                 buf = f.read(READ_BYTES)
             lines, end = split_lines(buf, st.offset)
             if len(lines) > MAX_BATCH_LINES:
+                end = lines[MAX_BATCH_LINES][0]      # (a cut piece of a long line has no newline after it)
                 lines = lines[:MAX_BATCH_LINES]
-                end = lines[-1][0] + len(lines[-1][1]) + 1
             if lines:
                 if self.rotation:
                     self.rotation.quiet_since = time.monotonic()
@@ -663,8 +663,10 @@ class PostfixService(Service):
                 if k == len(lines):
                     break
                 if k:
+                    # where line k starts (a cut piece of a long line has no newline after it)
+                    rest = await self.offload(self._read_lines, ino, start, end, k + 1)
                     lines = lines[:k]
-                    end = start + sum(len(ln) + 1 for ln in lines)
+                    end = rest[k][0] if len(rest) > k else start + sum(len(ln) + 1 for ln in lines)
                     break
                 self.log.warning("journal write failed (%s): retrying", e)
                 await asyncio.sleep(delay)

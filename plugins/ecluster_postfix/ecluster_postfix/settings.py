@@ -91,6 +91,8 @@ def check_settings(table: dict[str, Any], *, member: str, cluster: str, journal_
     nets = []
     for n in t["mynetworks"]:
         try:
+            if not isinstance(n, str):          # ip_network(10) would be 0.0.0.10/32
+                raise TypeError(n)
             nets.append(str(ipaddress.ip_network(n, strict=False)))
         except (TypeError, ValueError):
             raise PostfixConfigError(f"'{where}.mynetworks' entries must be networks like 10.0.0.0/24, "

@@ -94,7 +94,7 @@ def value_problem(name: str, value: str, default: str | None) -> str | None:
     d = default.strip()
     if re.fullmatch(r"-?[0-9]+", d) and not re.fullmatch(r"-?[0-9]+", value):
         return f"{name} must be a number, got {value[:40]!r}"
-    if d in ("yes", "no") and value.lower() not in ("yes", "no", "true", "false"):
+    if d in ("yes", "no") and value.lower() not in ("yes", "no"):    # Postfix refuses true/false
         return f"{name} must be yes or no, got {value[:40]!r}"
     if re.fullmatch(r"[0-9]+[smhdw]", d) and not _TIME_RE.match(value):
         return f"{name} must be a time such as 30s or 5m, got {value[:40]!r}"
