@@ -12,6 +12,10 @@ Two modes, chosen by :func:`choose_mode`:
   (the VIPs 127.0.0.100/101 are recorded, not plumbed, and exist on ``lo`` anyway, so the
   SMTP plug-in can listen on port 2525 of whichever one its node holds).
 
+With ``--mta postfix`` the nodes run Debian's Postfix (plugins/ecluster_postfix) instead of
+the example SMTP plug-in, guarded by an ``smtp`` health check (namespaces mode only: each
+instance also listens on 127.0.0.1:25). The per-MTA differences are :data:`MTAS`.
+
 Either way a mail stream (:mod:`ecluster.mailsend`) goes from the client to both VIPs,
 and a status table shows members, VIP owners, spool counts and the stream. Ctrl-C
 (SIGINT) or SIGTERM, or the end of ``--duration``, stops everything, removes the
@@ -51,9 +55,87 @@ STOP_WAIT = 6.0
 class DemoError(RuntimeError):
     """The demo cannot run (or a demo command cannot act); one-line message."""
 
+    code = 1
+
+
+class DemoUsageError(DemoError):
+    """Options that cannot go together (exit status 2)."""
+
+    code = 2
+
 
 class DemoStop(BaseException):
     """SIGTERM: stop the demo like Ctrl-C does."""
+
+
+# -- the MTAs (--mta) -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Mta:
+    """What differs between the MTAs the demo can run on its nodes."""
+
+    service: str                    # the plug-in (plugins/ecluster_<service>); `status` lists "listening"
+    label: str
+    port: int | None = None         # SMTP port on the VIPs (None: the mode's, 25 or 2525)
+    workdir_mode: int = 0o700       # 0o711: Postfix's users (postfix, nobody) must pass through
+    namespaces_only: bool = False   # every instance also listens on 127.0.0.1:25
+    binary: str = ""                # a program it runs, from the Debian package of that name
+    landed: str = "spool/*.eml"     # one file per message received, under a node's data dir
+    landed_label: str = "spooled"
+    reject_every: int = 10          # the sender: every Nth message to a domain that is refused
+
+
+MTAS = {
+    "smtp": Mta("smtp", "the SMTP plug-in"),
+    # the client is in mynetworks (it may relay), so no domain is refused: nothing to send there
+    "postfix": Mta("postfix", "Postfix", port=25, workdir_mode=0o711, namespaces_only=True,
+                   binary="/usr/sbin/postfix", landed=f"mail/{DOMAIN}/new/*", landed_label="delivered",
+                   reject_every=0),
+}
+
+
+def refusal(mta: Mta, mode: str, workdir: Path, installed) -> DemoError | None:
+    """Why the demo cannot run ``mta`` (checked before anything starts), or None."""
+    if mta.namespaces_only and mode != NAMESPACES:
+        return DemoUsageError(f"--mta {mta.service} needs network namespaces (root, with `ip`, without "
+                              f"--loopback): every node's {mta.label} listens on 127.0.0.1:25")
+    if mta.service not in installed:
+        return DemoError(f"{mta.label} plug-in is not installed: pip install -e plugins/ecluster_{mta.service} "
+                         "(`make setup` does it)")
+    if mta.binary and not os.path.exists(mta.binary):
+        return DemoError(f"{mta.label} is not installed ({mta.binary} is missing): "
+                         f"apt-get install {Path(mta.binary).name} (or `make setup`)")
+    if mta.workdir_mode & 0o001:
+        for parent in workdir.parents:
+            if parent.exists() and not parent.stat().st_mode & 0o001:
+                return DemoError(f"{mta.label}'s users cannot reach {workdir}: {parent} does not let others "
+                                 f"pass (chmod o+x {parent}, or give another --dir)")
+    return None
+
+
+def mta_tables(plan: Plan) -> list[str]:
+    """The cluster-file lines of the demo's MTA. Pure."""
+    if plan.mta.service == "postfix":
+        vips = ", ".join(f'"{v}"' for v in plan.vip_ips)
+        return ["[services.postfix]", f'domains = ["{DOMAIN}"]', f'mynetworks = ["127.0.0.0/8", "{plan.client_net}"]',
+                "", "# a Postfix that stops answering on 127.0.0.1:25 gives its VIPs away",
+                "[[check]]", 'name = "mta"', 'kind = "smtp"', "port = 25", "interval = 0.5", "timeout = 2.0",
+                "fall = 3", "rise = 2", f"vips = [{vips}]", ""]
+    return ["[jlog]", 'logs = ["smtplog"]', "", "[services.smtp]", f"port = {plan.smtp_port}",
+            'hostname = "mx.demo.test"', f'domains = ["{DOMAIN}"]', ""]
+
+
+def mta_hints(plan: Plan, ecl: str, client_ns: str | None) -> list[str]:
+    """Where to look, for the demo's MTA (the smtp plug-in has none beyond the table). Pure."""
+    if plan.mta.service != "postfix":
+        return []
+    n1 = plan.workdir / "n1"
+    hints = [f"Maildirs:      {n1}/mail/{DOMAIN}/new/ (and n2, n3: one file per delivered message)",
+             f"Postfix log:   {n1}/postfix/log/maillog (and n2, n3); its lines reach m1's aggregated mainlog:\n"
+             f"               {ecl} logs tail -m m1 --log mainlog -f"]
+    if client_ns:
+        hints.append(f"send one:      ip netns exec {client_ns} swaks --server {plan.vip_ips[0]} --to you@{DOMAIN}")
+    return hints
 
 
 # -- the plan (pure) ------------------------------------------------------------------------
@@ -71,6 +153,7 @@ class Plan:
     console_address: str
     client_net: str                           # the client's /24, for the CIDR query
     subnet: str = ""
+    mta: Mta = MTAS["smtp"]
 
     @property
     def cluster_path(self) -> Path:
@@ -89,16 +172,16 @@ def choose_mode(euid: int, has_ip: bool, force_loopback: bool) -> str:
     return NAMESPACES if euid == 0 and has_ip and not force_loopback else LOOPBACK
 
 
-def make_plan(mode: str, workdir: Path, subnet: str = "10.77.0") -> Plan:
-    """The demo cluster for ``mode``. Pure."""
-    members = [*NODES, MANAGER]
+def make_plan(mode: str, workdir: Path, subnet: str = "10.77.0", mta: str = "smtp") -> Plan:
+    """The demo cluster for ``mode`` with ``mta`` on the nodes. Pure."""
+    members, spec = [*NODES, MANAGER], MTAS[mta]
     if mode == NAMESPACES:
         return Plan(mode, workdir, {m: f"{subnet}.{11 + i}" for i, m in enumerate(members)},
-                    [(f"{subnet}.100/24", "eth0", "n1"), (f"{subnet}.101/24", "eth0", "n2")], 25,
-                    [f"{subnet}.{50 + i}" for i in range(8)], "127.0.0.1", f"{subnet}.0/24", subnet)
+                    [(f"{subnet}.100/24", "eth0", "n1"), (f"{subnet}.101/24", "eth0", "n2")], spec.port or 25,
+                    [f"{subnet}.{50 + i}" for i in range(8)], "127.0.0.1", f"{subnet}.0/24", subnet, spec)
     return Plan(mode, workdir, {m: f"127.0.0.{11 + i}" for i, m in enumerate(members)},
-                [("127.0.0.100/8", "lo", "n1"), ("127.0.0.101/8", "lo", "n2")], 2525,
-                [f"127.0.0.{50 + i}" for i in range(8)], "127.0.0.14", "127.0.0.0/24")
+                [("127.0.0.100/8", "lo", "n1"), ("127.0.0.101/8", "lo", "n2")], spec.port or 2525,
+                [f"127.0.0.{50 + i}" for i in range(8)], "127.0.0.14", "127.0.0.0/24", mta=spec)
 
 
 def cluster_text(plan: Plan) -> str:
@@ -114,9 +197,7 @@ def cluster_text(plan: Plan) -> str:
     for address, iface, pref in plan.vips:
         lines += ["[[vip]]", f'address = "{address}"', f'interface = "{iface}"', f'preference = "{pref}"',
                   'kind = "injection"', ""]
-    lines += ["[as_logger]", "log_interval = 10", "", "[jlog]", 'logs = ["smtplog"]', "",
-              "[services.smtp]", f"port = {plan.smtp_port}", 'hostname = "mx.demo.test"',
-              f'domains = ["{DOMAIN}"]', ""]
+    lines += ["[as_logger]", "log_interval = 10", "", *mta_tables(plan)]
     return "\n".join(lines)
 
 
@@ -374,7 +455,7 @@ class Demo:
             raise DemoError(f"a demo already runs in {wd} ({holder}): stop it first, or give another --dir") from None
         self.lock = lock
         wd.mkdir(exist_ok=True)
-        os.chmod(wd, 0o700)
+        os.chmod(wd, self.plan.mta.workdir_mode)
         # leftovers of a demo that was killed: its processes first, then its files
         kill_matching(lambda argv: demo_argv_matches(argv, wd))
         for entry in wd.iterdir():
@@ -474,11 +555,12 @@ class Demo:
         return None
 
     def smtp_listening(self) -> set[str]:
+        """The addresses the MTA listens on (its status lists "ADDRESS" or "ADDRESS:PORT")."""
         out: set[str] = set()
         for n in NODES:
-            st = self.try_call(n, "smtp", "status")
+            st = self.try_call(n, self.plan.mta.service, "status")
             if isinstance(st, dict):
-                out |= set(st.get("listening") or [])
+                out |= {str(a).rsplit(":", 1)[0] for a in st.get("listening") or []}
         return out
 
     def bootstrap_config(self) -> None:
@@ -496,7 +578,8 @@ class Demo:
 
     def start_sender(self) -> None:
         argv = [self.python, "-m", "ecluster.mailsend", "--port", str(self.plan.smtp_port), "--rate",
-                str(SENDER_RATE), "--domain", DOMAIN, "--tag", str(self.plan.workdir / "sender")]
+                str(SENDER_RATE), "--domain", DOMAIN, "--reject-every", str(self.plan.mta.reject_every),
+                "--tag", str(self.plan.workdir / "sender")]
         for v in self.plan.vip_ips:
             argv += ["--vip", v]
         for s in self.plan.sources:
@@ -538,9 +621,8 @@ class Demo:
         rows = self.vips_owned_rows()
         spool = {}
         for n in NODES:
-            d = self.plan.workdir / n / "spool"
             try:
-                spool[n] = sum(1 for p in d.iterdir() if p.suffix == ".eml")
+                spool[n] = sum(1 for _ in (self.plan.workdir / n).glob(self.plan.mta.landed))
             except OSError:
                 spool[n] = 0
         return {"members": {m: (members.get(m) or {}).get("state", "?") for m in self.plan.addresses},
@@ -560,7 +642,7 @@ class Demo:
         t.add_column("member")
         t.add_column("seen by m1")
         t.add_column("VIPs held")
-        t.add_column("spooled", justify="right")
+        t.add_column(self.plan.mta.landed_label, justify="right")
         owners: dict[str, list[str]] = {}
         for r in snap["vips"]:
             for h in r.get("holders") or []:
@@ -570,7 +652,7 @@ class Demo:
             t.add_row(m, f"[{colour.get(state, 'white')}]{state}[/]", ", ".join(owners.get(m, [])),
                       str(snap["spool"].get(m, "")) if m in NODES else "")
         s = snap["stream"]
-        t.caption = (f"mail stream: {s['accepted']} accepted, {s['refused']} refused (on purpose), "
+        t.caption = (f"mail stream: {s['accepted']} accepted, {s['refused']} refused, "
                      f"{s['failed']} failed, {s['retried']} retried")
         return t
 
@@ -579,8 +661,8 @@ class Demo:
         owners = ", ".join(f"{r['address'].split('/')[0]}={r.get('owner')}" for r in snap["vips"])
         alive = sum(1 for v in snap["members"].values() if v == "alive")
         return (f"[{time.monotonic() - self.started_at:5.0f} s] members alive {alive}/{len(snap['members'])}; "
-                f"VIPs {owners or '?'}; spooled {sum(snap['spool'].values())}; mail: {s['accepted']} accepted, "
-                f"{s['refused']} refused, {s['failed']} failed")
+                f"VIPs {owners or '?'}; {self.plan.mta.landed_label} {sum(snap['spool'].values())}; "
+                f"mail: {s['accepted']} accepted, {s['refused']} refused, {s['failed']} failed")
 
     # -- removing ----------------------------------------------------------------------------
     def teardown(self, keep: bool = False) -> list[str]:
@@ -683,16 +765,16 @@ def start_member(workdir: Path, member: str) -> int:
 # -- running ------------------------------------------------------------------------------------
 
 def run(duration: float | None, workdir: Path, force_loopback: bool = False, keep: bool = False,
-        out=None) -> int:
+        out=None, mta: str = "smtp") -> int:
     """The whole demo: build, show until Ctrl-C/SIGTERM/duration, remove. Returns the exit status."""
     from rich.console import Console
     from services.base import registry
     out = out or Console()
-    if "smtp" not in registry():
-        raise DemoError("the SMTP plug-in is not installed: pip install -e plugins/ecluster_smtp "
-                        "(`make setup` does it)")
     mode = choose_mode(os.geteuid(), shutil.which("ip") is not None, force_loopback)
-    plan = make_plan(mode, workdir.resolve())
+    error = refusal(MTAS[mta], mode, workdir.resolve(), registry())
+    if error is not None:
+        raise error
+    plan = make_plan(mode, workdir.resolve(), mta=mta)
     demo = Demo(plan, out)
     global _OWNER_PID
     _OWNER_PID = os.getpid()
@@ -766,8 +848,8 @@ def _build(demo: Demo, out) -> None:
         ("waiting for every member to see every other alive",
          lambda: demo.wait(demo.members_alive, 90, "membership")),
         ("waiting for the election to place both VIPs", lambda: demo.wait(demo.vips_owned, 60, "VIP owners")),
-        ("waiting for the SMTP plug-in to listen on the VIPs",
-         lambda: demo.wait(lambda: demo.smtp_listening() >= set(plan.vip_ips), 30, "SMTP listeners")),
+        (f"waiting for {plan.mta.label} to listen on the VIPs",
+         lambda: demo.wait(lambda: demo.smtp_listening() >= set(plan.vip_ips), 60, "SMTP listeners")),
         ("bootstrapping the configuration repository", demo.bootstrap_config),
         ("starting the mail stream from the client", demo.start_sender),
         ("finding the web console", demo.find_console),
@@ -821,8 +903,10 @@ def _show(demo: Demo, out, duration: float | None) -> None:
     lines.append(f"cluster file:  {plan.cluster_path}")
     lines.append(f"admin CLI:     {ecl} <command>   (ecluster with the demo's cluster file"
                  + (", run in the client namespace)" if plan.mode == NAMESPACES else ")"))
+    every = plan.mta.reject_every
     lines.append(f"mail:          {SENDER_RATE:g} messages/s to {', '.join(plan.vip_ips)} port {plan.smtp_port}, "
-                 f"1 in 10 to a refused domain")
+                 + (f"1 in {every} to a refused domain" if every else f"all to {DOMAIN}"))
+    lines += mta_hints(plan, ecl, demo.lab.client_ns if demo.lab else None)
     lines.append("")
     lines.append("[bold]what to try[/] (in another terminal):")
     for what, cmd in what_to_try(plan, ecl, demo_cmd):

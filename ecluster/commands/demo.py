@@ -4,6 +4,7 @@ The work is done by :mod:`ecluster.demo`; this module is the command line.
 """
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Annotated
 
@@ -18,13 +19,20 @@ plumbed for real, the SMTP plug-in listening on them (port 25) and a stream of m
 the client. Without root: the same cluster on 127.0.0.11-14 with VIP plumbing in dry-run
 (port 2525). It prints the web console's address, a status table, and what to try (kill
 a node, move a VIP, commit a config, run a CIDR query). Ctrl-C stops it and removes
-every process, namespace and file it made.
+every process, namespace and file it made. With --mta postfix (root only) the nodes run
+Debian's Postfix behind the VIPs instead, delivering into Maildirs.
 
 Example: ecluster demo --duration 60
 """
 
 DirOpt = Annotated[Path | None, typer.Option(
     "--dir", metavar="DIR", help="The demo's work directory (default /tmp/ecluster-demo-<uid>).")]
+
+
+class MtaName(str, enum.Enum):
+    smtp = "smtp"
+    postfix = "postfix"
+
 
 app = typer.Typer(help=HELP, invoke_without_command=True, no_args_is_help=False, pretty_exceptions_enable=False,
                   add_completion=False, rich_markup_mode="rich")
@@ -43,18 +51,20 @@ def demo(ctx: typer.Context,
          workdir: DirOpt = None,
          loopback: Annotated[bool, typer.Option(
              "--loopback", help="Use loopback addresses and VIP dry-run even as root.")] = False,
-         keep: Annotated[bool, typer.Option("--keep", help="Keep the work directory (logs) at the end.")] = False):
+         keep: Annotated[bool, typer.Option("--keep", help="Keep the work directory (logs) at the end.")] = False,
+         mta: Annotated[MtaName, typer.Option(
+             "--mta", metavar="MTA",
+             help="The MTA on the nodes: smtp (the example plug-in) or postfix (Debian's Postfix; "
+                  "needs root and the postfix package).")] = MtaName.smtp):
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"workdir": workdir}      # `demo --dir X kill n1` means the demo in X too
         return
     from ecluster.demo import DemoError, run
     try:
-        status = run(duration, _workdir(workdir), force_loopback=loopback, keep=keep)
+        status = run(duration, _workdir(workdir), force_loopback=loopback, keep=keep, mta=mta.value)
     except DemoError as e:
-        die(str(e))
+        die(str(e), e.code)
     raise typer.Exit(status)
-
-
 
 
 @app.command("kill")
