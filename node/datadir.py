@@ -128,14 +128,17 @@ class DirLock:
 def ensure_data_dir(member: Member, keep_search: bool = False) -> Path:
     """Create ``member``'s data, run and log directories (0700); return the data dir.
 
-    ``keep_search``: leave a search bit (x) for group or others that the data directory
-    already has (read and write bits still go). A plug-in whose daemons run as another user
+    ``keep_search``: leave a search bit (x) for group or others that the data directory was
+    given on purpose (x without r; read and write bits always go). A plug-in whose daemons run as another user
     (Postfix, under <data_dir>/postfix) grants it; the broker, restarted in a running
     member, must not take it away again. run/ and log/ are always 0700."""
     for d in (member.data_dir, member.run_dir, member.data_dir / "log"):
         d.mkdir(parents=True, exist_ok=True)
-        keep = (d.stat().st_mode & 0o011) if keep_search and d == member.data_dir else 0
-        os.chmod(d, 0o700 | keep)
+        mode = d.stat().st_mode
+        # only a search bit given on purpose (x without r: 0701, 0711), never one left by a
+        # umask (0755): a directory made by mkdir becomes 0700 as always
+        granted = keep_search and d == member.data_dir and not mode & 0o044
+        os.chmod(d, 0o700 | (mode & 0o011 if granted else 0))
     return member.data_dir
 
 

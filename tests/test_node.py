@@ -259,7 +259,10 @@ def test_ensure_data_dir_can_keep_a_granted_search_bit(make_cluster):
     cluster = make_cluster(1)
     m = cluster.member("n1")
     ensure_data_dir(m)
-    os.chmod(m.data_dir, 0o755)
+    os.chmod(m.data_dir, 0o755)                       # what a umask leaves: not kept
+    ensure_data_dir(m, keep_search=True)
+    assert (m.data_dir.stat().st_mode & 0o777) == 0o700
+    os.chmod(m.data_dir, 0o711)                       # given on purpose (the Postfix plug-in)
     ensure_data_dir(m, keep_search=True)
     assert (m.data_dir.stat().st_mode & 0o777) == 0o711
     assert (m.run_dir.stat().st_mode & 0o777) == 0o700

@@ -235,13 +235,21 @@ def test_hung_postfix_moves_the_vip_and_it_returns_after_rise(lc):
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
+        def owner_now():
+            return {r["address"].split("/")[0]: r["owner"] for r in lc.vip_rows()}[VIP]
+        wait_for(lambda: owner_now() not in (None, owner), 30, interval=0.05, what="the VIP assigned away")
+        decided = time.monotonic() - t0
         new = wait_for(lambda: (b := banner_of(lc, VIP, timeout=0.5)) not in (None, owner) and b, 30, interval=0.05,
                        what="the VIP answered by another node")
         moved = time.monotonic() - t0
         budget = FALL * INTERVAL + TIMEOUT + lc.cluster.timing.dead_after
-        print(f"\nhung Postfix on {owner}: VIP answered by {new} after {moved:.2f} s "
-              f"(budget fall*interval+timeout+D = {budget:.2f} s)")
-        assert moved <= budget + 2.0, (moved, budget)
+        print(f"\nhung Postfix on {owner}: VIP assigned away after {decided:.2f} s (budget fall*interval+timeout+D "
+              f"= {budget:.2f} s), answered by {new} after {moved:.2f} s")
+        # the check's decision within its budget (a margin for this 2-core box) ...
+        assert decided <= budget + 1.5, (decided, budget)
+        # ... and the client reaches the new owner soon after: the graceful move, and at worst
+        # the GARP repeat past a client's ARP locktime, plus this test's own probe (a process)
+        assert moved - decided <= lc.cluster.timing.garp_repeat_after + 3.0, (moved, decided)
         assert lc.call(owner, "membership", "view", timeout=2.0)["members"][owner]["state"] == "alive"
         assert lc.holders()[VIP] == [new]
     finally:
