@@ -6,10 +6,11 @@ SHELL      := /bin/bash
 VENV       := .venv
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.ecluster-installed
-PYTEST     := $(VENV)/bin/pytest -q -p no:cacheprovider
+PYTEST     := $(VENV)/bin/pytest -q -p no:cacheprovider --durations=25
 # tool:package; chromium drives the console tests, spin checks the protocol model, postfix and
 # swaks are the real MTA and SMTP client of the Postfix plug-in's tests
-SYS_TOOLS  := ip:iproute2 chromium:chromium spin:spin gcc:gcc postfix:postfix swaks:swaks
+SYS_TOOLS  := ip:iproute2 chromium:chromium spin:spin gcc:gcc postfix:postfix swaks:swaks \
+              systemd-analyze:systemd
 BENCH_TOOLS := ip:iproute2 keepalived:keepalived arping:arping
 
 PHONY_EXTRA := benchdeps _install

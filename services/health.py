@@ -22,8 +22,8 @@ passed), so a starting node does not announce "unknown" for checks about to answ
 Raises ``alarm.check_failed`` when a check turns unhealthy; logs its recovery.
 RPC ``status()``: the same body plus probe counters.
 
-With no ``[[check]]`` configured the service runs but does nothing except answer ``status``
-(and publishes nothing): a node without checks is judged by membership alone.
+With no ``[[check]]`` configured the service does not run at all (``runs_on``): a node
+without checks is judged by membership alone.
 
 It must never plumb, release or move anything itself: the coordinator decides (docs/CHECKS.md).
 """
@@ -157,6 +157,12 @@ class HealthService(Service):
     name = "health"
     roles = ("node",)
     builtin = True
+
+    @classmethod
+    def runs_on(cls, cluster, member: str) -> bool:
+        """Only on nodes of a cluster with ``[[check]]`` tables: without checks a node is
+        judged by membership alone, and the process would only cost memory and wake-ups."""
+        return super().runs_on(cluster, member) and bool(cluster.checks)
 
     def __init__(self, cluster, member):
         super().__init__(cluster, member)

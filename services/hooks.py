@@ -256,6 +256,13 @@ class HooksService(Service):
     watch_vips = True
     subscriptions = ("vip.status", "membership.view")
 
+    @classmethod
+    def runs_on(cls, cluster, member: str) -> bool:
+        """Only where a hook is configured: a member without hooks saves the process (and
+        its wake-ups) altogether."""
+        h = cluster.hooks
+        return super().runs_on(cluster, member) and bool(h.vip or h.config or h.member)
+
     def __init__(self, cluster, member):
         super().__init__(cluster, member)
         hooks = cluster.hooks

@@ -214,7 +214,7 @@ def test_demo_with_postfix_delivers_into_maildirs_and_everything_is_removed():
     demo = None
     try:
         with open(log, "w") as out:
-            demo = subprocess.Popen([*CLI, "demo", "--mta", "postfix", "--duration", "20", "--dir", str(workdir),
+            demo = subprocess.Popen([*CLI, "demo", "--mta", "postfix", "--duration", "10", "--dir", str(workdir),
                                      "--keep"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env={**os.environ, "COLUMNS": "200"})
         wait_until(lambda: "ecluster demo is running" in log.read_text() or demo.poll() is not None,

@@ -102,7 +102,7 @@ def test_dead_port_moves_the_vip_node_stays_member_and_failback_waits_rise_and_a
     assert earliest <= back_s < latest
     # nobody but n2/n3 answered before: the VIP did not return early
     assert all(a.who != "n1" for a in res.answered if a.t1 < t_up + earliest)
-    lc.wait_settled(10, expect={VIP: "n1", OTHER: "n2"})
+    lc.wait_settled(30, expect={VIP: "n1", OTHER: "n2"})
     assert row(lc, VIP)["unhealthy"] == []
 
 

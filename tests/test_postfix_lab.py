@@ -103,6 +103,48 @@ def banner_of(lc, address: str, timeout: float = 1.0) -> str | None:
     return name.split(".")[0] if name else None
 
 
+def open_session(lc, address: str) -> subprocess.Popen:
+    """An SMTP session from the client namespace, greeted and EHLO'd, held open: a child that
+    reads commands from stdin and prints each reply (one line per reply) to stdout."""
+    # a line starting with "!" is sent as it is (message text); any other line is a command
+    # whose reply is printed
+    code = ("import socket,sys\n"
+            f"s=socket.create_connection(('{address}',25),timeout=10)\n"
+            "f=s.makefile('rb')\n"
+            "def reply():\n"
+            "    while True:\n"
+            "        l=f.readline()\n"
+            "        if l[3:4]!=b'-': return l.decode().strip()\n"
+            "print(reply(),flush=True)\n"
+            "for line in sys.stdin:\n"
+            "    line=line.rstrip('\\n')\n"
+            "    s.sendall(line.lstrip('!').encode()+b'\\r\\n')\n"
+            "    if not line.startswith('!'): print(reply(),flush=True)\n")
+    p = subprocess.Popen(["ip", "netns", "exec", lc.lab.client_ns, sys.executable, "-u", "-c", code],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().startswith("220")
+    p.stdin.write("EHLO client.lab.test\n")
+    p.stdin.flush()
+    assert p.stdout.readline().startswith("250")
+    return p
+
+
+def finish_session(p: subprocess.Popen, to: str, mid: str) -> str:
+    """MAIL, RCPT, DATA and a message on a held session; the reply to the message."""
+    try:
+        for cmd in ("MAIL FROM:<sender@client.lab.test>", f"RCPT TO:<{to}>", "DATA"):
+            p.stdin.write(cmd + "\n")
+            p.stdin.flush()
+            rep = p.stdout.readline()
+            assert rep[:1] in ("2", "3"), (cmd, rep)
+        p.stdin.write(f"!Message-Id: {mid}\n!Subject: kept\n!\n!body\n.\n")
+        p.stdin.flush()
+        return p.stdout.readline().strip()
+    finally:
+        p.stdin.close()
+        p.wait(timeout=10)
+
+
 def on_preferred_node(lc) -> str:
     """Wait until n1's Postfix answers on the VIP (a busy moment may have moved it away)."""
     wait_for(lambda: banner_of(lc, VIP) == "n1", 60, interval=0.2, what="n1's Postfix answering on the VIP")
@@ -204,6 +246,9 @@ def test_outbound_mail_leaves_from_the_outbound_vip(lc):
                    30, interval=0.2, what="the relayed message at the sink")
     assert rec["peer"] == OUT_VIP, rec
     assert lc.holders()[OUT_VIP] == [owner]
+    # the delegated command every node's control service answers (ecluster broadcast postfix status)
+    rep = lc.call(owner, "control", "run", timeout=5.0, command="postfix status", args=[])
+    assert rep["status"] == "ok" and rep["result"]["running"] and rep["result"]["sending_from"] == [OUT_VIP], rep
 
 
 def test_broken_fragment_is_refused_and_applied_nowhere(lc):
@@ -218,6 +263,7 @@ def test_broken_fragment_is_refused_and_applied_nowhere(lc):
     for n in nodes(lc):
         assert "smtpd_recipient_limit" not in (lc.root / n / "postfix" / "etc" / "main.cf").read_text()
     lc.call("n2", "configsync", "pull", timeout=20.0, theirs=True)      # drop the refused edit
+    session = open_session(lc, VIP)                  # open across the reload that follows
     r = commit(lc, "n2", {"global/postfix/main.cf.d/20-limits.cf": "smtpd_recipient_limit = 77\n"}, "good limit")
     rev = r["rev"]
     for n in nodes(lc):
@@ -225,6 +271,10 @@ def test_broken_fragment_is_refused_and_applied_nowhere(lc):
         out = subprocess.run(["postconf", "-c", str(lc.root / n / "postfix" / "etc"), "-h", "smtpd_recipient_limit"],
                              capture_output=True, text=True)
         assert out.stdout.strip() == "77", (n, out.stdout, out.stderr)
+    # the session opened before the reload still takes its message
+    mid = f"<reload.{os.urandom(4).hex()}@client.lab.test>"
+    assert finish_session(session, f"kept@{DOMAIN}", mid).startswith("250"), "the reload dropped a session"
+    wait_for(lambda: mid in delivered(lc), 30, interval=0.2, what="the message of the kept session delivered")
 
 
 def test_hung_postfix_moves_the_vip_and_it_returns_after_rise(lc):

@@ -284,7 +284,9 @@ class PostfixService(Service):
             if ok:
                 self.counters["reloads"] += 1
                 if set(outbound) - set(before_out):
-                    await self._postfix("flush")      # mail deferred for want of an address goes now
+                    # mail deferred for want of an address goes now; in the background, since
+                    # postqueue may take a second on a busy host and the next VIP change waits
+                    asyncio.get_running_loop().create_task(self._postfix("flush"))
                 return True
             self.counters["reload_failures"] += 1
             self.log.error("postfix reload failed: %s", out)
