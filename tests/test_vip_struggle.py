@@ -65,12 +65,14 @@ def test_owner_that_cannot_hold_is_passed_over_then_tried_again_with_a_longer_pe
     t = lc.cluster.timing
     lc.wait_settled(60, expect={VIP: "n1"})
     first, st1, took1 = passed_over(lc, t)
-    assert list(first["avoided"]) == ["n1"] and first["avoided"]["n1"] > t.owner_penalty - 3, first
+    # (another node may carry a penalty of its own from the cluster's start: assigned DARK
+    # during the new term's wait, it could not hold it in time; that is not what is tested)
+    assert "n1" in first["avoided"] and first["avoided"]["n1"] > t.owner_penalty - 3, first
     # the penalty ends: DARK goes back to n1, which still cannot hold it, and is passed over again
     second, st2, took2 = passed_over(lc, t)
     print(f"\nn1 passed over {took1:.2f} s / {took2:.2f} s after DARK came to it (struggle_after "
           f"{t.struggle_after:.2f} s); penalties left {first['avoided']} then {second['avoided']}")
-    assert list(second["avoided"]) == ["n1"]
+    assert "n1" in second["avoided"]
     if (st1["member"], st1["term"]) == (st2["member"], st2["term"]):
         assert second["avoided"]["n1"] > t.owner_penalty, "the second penalty is twice the first"
         assert st2["counters"]["penalties"] == st1["counters"]["penalties"] + 1
