@@ -30,9 +30,13 @@ Routing rules (pure: :func:`route_fields`):
 
 Trust: ipc clients are local processes behind a 0700 run directory; the broker stamps
 their member name into ``src`` and their routing id into ``sc`` (our client library sets
-both itself, so the broker only compares them). On the tcp ROUTER, ZAP has authenticated the key; a peer
-broker's messages must carry its own name in ``src`` (else dropped as spoofed); any other
-key (the admin CLI) may only send req/cast and is treated as a client of this member.
+both itself, so the broker only compares them; a local routing id may not look like a tcp
+client's, ``x:...``). On the tcp ROUTER, ZAP has authenticated the key; a peer broker's
+messages carry its own name in ``src`` (any other ``src`` from a member's key is dropped as
+spoofed); a message with an empty ``src`` is a client's (the CLI with an admin identity,
+or with a member's key): it may only send req/cast, becomes a client of this member, and
+its client id names its key, ``x:<routing id>.<key name>``, so the callee knows who calls
+(:func:`bus.roles.principal_of`).
 Messages of a connection whose key has left the key directory since it connected are
 refused. Malformed frames are counted and dropped; nothing a peer sends can stop the loop.
 
@@ -68,6 +72,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from bus import envelope as ch
 from bus import keys as keymod
+from bus import roles
 from bus import transport
 from ecluster.clusterfile import Cluster, Member
 from ecluster.timing import raise_priority
@@ -76,7 +81,7 @@ log = logging.getLogger("ecluster.broker")
 
 BUS_SERVICE = "bus"          # the broker answers calls addressed to this service name
 HB_TOPIC = b"$hb"             # broker-to-broker heartbeat, never delivered to services
-EXTERNAL_PREFIX = "x:"        # client ids of admin clients on the tcp ROUTER
+EXTERNAL_PREFIX = roles.EXTERNAL_PREFIX   # client ids of tcp clients (see bus.roles)
 MAX_IPC_PATH = 100            # AF_UNIX sun_path is 108 bytes; keep a margin
 RELINK_GRACE = 5.0            # s a relinked link queues calls while its peer switches keys
 RELINK_RECONNECT_MS = 10      # a relinked socket retries fast: its peer is switching right now
@@ -105,6 +110,7 @@ class Counters:
     refused: int = 0
     unreachable: int = 0
     no_service: int = 0
+    forbidden: int = 0            # calls of the broker's own methods refused by role
     replies_queued: int = 0       # replies that had to wait for their way back
     replies_dropped: int = 0      # ... and were still undeliverable after REPLY_RETRY
 
@@ -148,7 +154,7 @@ def route_fields(kind: str, dm: str, ds: str, me: str, peers) -> Route:
     if kind == "rep":
         if dm == me:
             if ds.startswith(EXTERNAL_PREFIX):
-                return Route("external", ds[len(EXTERNAL_PREFIX):])
+                return Route("external", roles.external_routing_hex(ds))
             return Route("local", ds)
         if dm in peers:
             return Route("peer", dm)
@@ -212,6 +218,7 @@ class Broker:
         self.ctx = ctx or zmq.Context()   # own context: ZAP is one handler per context
         self.counters = Counters()
         self.peers: dict[str, PeerLink] = {}
+        self.member_roles = {n: m.role for n, m in cluster.members.items()}
         self._stop = False
         self.started = time.time()
         self.pair = keymod.load(cluster.keys_dir, member)
@@ -481,6 +488,9 @@ class Broker:
         d = peek(data)
         me = self.me.name
         sc = frames[0].decode("utf-8", "replace")
+        if sc.startswith(EXTERNAL_PREFIX):
+            self.counters.refused += 1          # only this broker names tcp clients (roles)
+            return
         if d.get("src") != me or d.get("sc") != sc:
             data = restamp(data, me, sc)       # our client library sets both: rare
             d["src"], d["sc"] = me, sc
@@ -503,19 +513,18 @@ class Broker:
         user = transport.user_name(user_id)
         data = frame.bytes if len(frame) <= HEADER_ONLY_ABOVE else frame.buffer
         d = peek(data)
-        if user in self.peers:
-            if d.get("src") != user:
-                self.counters.spoofed += 1
-                return
-        elif user in self.cluster.members or user == "?":
-            self.counters.refused += 1       # a member we have no link to, or no key name
+        if user in self.peers and d.get("src") == user:
+            pass                             # a peer broker, speaking for itself
+        elif user == "?" or (user in self.cluster.members and d.get("src")):
+            self.counters.spoofed += 1       # no key name, or a member's key claiming a src
             return
         else:
-            # An admin client: may call, may not publish or reply; it is our client now.
+            # A client (the CLI: an admin identity, or a member's key used by a client):
+            # may call, may not publish or reply; it is our client now, named by its key.
             if d["k"] not in ("req", "cast"):
                 self.counters.refused += 1
                 return
-            sc = EXTERNAL_PREFIX + frames[0].bytes.hex()
+            sc = roles.external_client_id(frames[0].bytes.hex(), user)
             frame = restamp(data, self.me.name, sc)
             d["src"], d["sc"] = self.me.name, sc
         if d["k"] == "pub":
@@ -641,7 +650,33 @@ class Broker:
         rep.src, rep.sc = self.me.name, BUS_SERVICE
         self._dispatch({"k": "rep", "dm": rep.dm, "ds": rep.ds}, ch.pack(rep))
 
+    #: who may call the broker's own methods (bus.roles); the key methods are the admin's
+    RULES = {"ping": roles.ANYONE, "status": roles.ANYONE,
+             "reload_keys": roles.ADMIN_ONLY, "relink": roles.ADMIN_ONLY, "switch_keys": roles.ADMIN_ONLY,
+             "stage_key": roles.ADMIN_ONLY, "put_public": roles.ADMIN_ONLY, "promote_key": roles.ADMIN_ONLY,
+             "retire_key": roles.ADMIN_ONLY}
+
     def _answer_self(self, env: ch.Envelope) -> None:
+        rule = self.RULES.get(env.method or "")
+        if rule is not None:
+            who = roles.principal_of(env.src, env.sc, self.me.name, self.member_roles)
+            if not roles.permits(rule, who, env.body):
+                self.counters.forbidden += 1
+                log.warning("forbidden: %s", roles.refusal(BUS_SERVICE, env.method, rule, who))
+                if env.kind == "req":
+                    self._reply(ch.reply_to(env, error={"code": roles.FORBIDDEN,
+                                                        "message": roles.refusal(BUS_SERVICE, env.method, rule, who)}))
+                return
+        if env.method in ("stage_key", "put_public", "promote_key", "retire_key"):
+            try:
+                result = self._key_method(env.method, env.body if isinstance(env.body, dict) else {})
+            except keymod.KeyError_ as e:
+                if env.kind == "req":
+                    self._reply(ch.reply_to(env, error={"code": "no_key", "message": str(e)}))
+                return
+            if env.kind == "req":
+                self._reply(ch.reply_to(env, result=result))
+            return
         if env.method == "ping":
             result = {"member": self.me.name, "time": time.time()}
         elif env.method == "status":
@@ -689,6 +724,33 @@ class Broker:
         if env.kind == "req":
             self._reply(ch.reply_to(env, result=result))
 
+
+    def _key_method(self, method: str, body: dict) -> dict:
+        """The key-rotation steps done on this host's own key directory (``ecluster keys
+        rotate`` with a bundle per host: a secret never leaves the host that made it).
+
+        ``stage_key``: make this member's next pair here, answer its public key.
+        ``put_public(name, public)``: accept ``public`` as ``name``'s staged key.
+        ``promote_key(name, public)``: make it ``name``'s current key (this member's own:
+        its staged pair; another's: the public key only). ``retire_key(name)``: forget
+        ``name``'s previous key. The caller reloads the keys (``reload_keys``) after."""
+        d = self.cluster.keys_dir
+        me = self.me.name
+        if method == "stage_key":
+            return {"name": me, "public": keymod.stage(d, me).public.decode()}
+        name = body.get("name")
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise keymod.KeyError_(f"{method} needs a key name, not {name!r}")
+        if method == "retire_key":
+            return {"name": name, "retired": keymod.retire(d, name)}
+        public = keymod.check_public(body.get("public"))
+        if method == "put_public":
+            if name == me:
+                raise keymod.KeyError_(f"{me}'s own staged key is made here (stage_key), not sent")
+            return {"name": name, "changed": keymod.put_public(d, name, public)}
+        if name == me:
+            return {"name": name, "changed": keymod.promote_own(d, me, public)}
+        return {"name": name, "changed": keymod.promote_public(d, name, public)}
 
     def _relink_args(self, body) -> tuple[str, bytes | None]:
         """``{peer, public?}`` of bus.relink, checked: a peer, and one of its own keys."""

@@ -123,12 +123,13 @@ def supervisor_conf(cluster: Cluster, member: str, config_path: Path | str | Non
         f"serverurl=unix://{_ini(str(sock))}",
         "",
     ]
-    lines += _program(BROKER_PROGRAM, _command(python, ["bus", "run", "--config", config, "--member", m.name]),
+    keys = ["--keys", str(Path(cluster.keys_dir).absolute())]     # a host's own bundle, if given
+    lines += _program(BROKER_PROGRAM, _command(python, [*keys, "bus", "run", "--config", config, "--member", m.name]),
                       BROKER_PRIORITY, log_dir, m.data_dir)
     for name in services:
         if name == BROKER_PROGRAM:
             raise SupervisorError(f"a service may not be named {BROKER_PROGRAM!r}: that is the bus broker's program")
-        lines += _program(name, _command(python, ["service", "run", name, "--config", config, "--member", m.name]),
+        lines += _program(name, _command(python, [*keys, "service", "run", name, "--config", config, "--member", m.name]),
                           SERVICE_PRIORITY, log_dir, m.data_dir)
     return "\n".join(lines)
 

@@ -53,7 +53,8 @@ from bus.client import BusError, RemoteError
 from node.audit import (SERIES_NAME_PATTERN, AuditError, AuditLogger, Window, encode_window,
                         parse_address)
 from node.fsutil import atomic_write
-from services.base import Service, ServiceError
+from services.base import Service, ServiceError, rpc
+from bus import roles as access
 from services.pulling import PullPolicy, next_backoff
 
 JOURNAL_LOG = "audit"
@@ -248,6 +249,7 @@ class AsLoggerService(Service):
         await self.offload(self._save_state, closed_until, self.ledger.entries())
 
     # -- RPC ------------------------------------------------------------------------
+    @rpc(access.ADMIN_ONLY)
     def rpc_add(self, series: str, address: str, count: int = 1) -> dict:
         """Count ``count`` events of ``series`` from ``address`` in the current window."""
         try:
@@ -257,6 +259,7 @@ class AsLoggerService(Service):
             raise ServiceError(f"as_logger.add: {e}", "bad_event") from None
         return self._count([event])
 
+    @rpc(access.LOCAL_ONLY)
     def rpc_add_batch(self, events: list, batch: list | None = None) -> dict:
         """Count many ``[series, address, count]`` events; a bad one refuses the whole batch.
 
@@ -282,6 +285,7 @@ class AsLoggerService(Service):
         self.ledger.record(sender, seq)
         return {**out, "duplicate": False}
 
+    @rpc(access.ANYONE)
     def rpc_status(self) -> dict:
         """Settings, counters, open windows and the journal queue."""
         return {"member": self.member.name, "log_interval": self.log_interval,

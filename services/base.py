@@ -36,11 +36,17 @@ Helpers: ``call``, ``cast``, ``publish``, ``publish_many``, ``alarm``; attribute
 ``cluster``, ``member`` (this member's :class:`~ecluster.clusterfile.Member`), ``timing``,
 ``data_dir``, ``config`` (this service's ``[services.<name>]`` table), ``log``.
 
+Roles: every ``rpc_<method>`` declares who may call it with ``@rpc(rule)`` (rules and the
+caller's identity: :mod:`bus.roles`); the check runs before the arguments are looked at,
+an undeclared method is refused to everyone, and a refusal is the typed error
+``forbidden``, logged with the caller's name and counted (``ping`` answers ``forbidden``).
+
 A raised :class:`ServiceError` answers the caller with a typed error ``{code, message}``.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import math
@@ -51,6 +57,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from bus import envelope as ch
+from bus import roles as access
 from ecluster.timing import raise_priority
 from bus.client import AsyncClient, CallTimeout, RemoteError
 from ecluster.clusterfile import Cluster
@@ -107,6 +114,29 @@ def held_by_kind(held: Any, states: Any, kinds: dict[str, str]) -> dict[str, tup
         if kind is not None:
             out[kind].append(a.split("/", 1)[0])
     return {k: tuple(sorted(set(v))) for k, v in out.items()}
+
+
+def rpc(rule: access.Rule, *, caller: bool = False):
+    """Declare an ``rpc_<method>``: who may call it (a :class:`bus.access.Rule`, e.g.
+    ``access.ANYONE``, ``access.OPERATOR``, ``access.rule(access.MANAGER, own="node")``, with
+    ``from bus import roles as access``: inside a service class ``roles`` is where it runs).
+
+    A method without a declaration is refused to everyone (fail closed). With
+    ``caller=True`` the method also gets ``caller=<Principal>`` (never from the wire)."""
+    def mark(fn):
+        fn.rpc_rule = rule
+        fn.rpc_caller = caller
+        return fn
+    return mark
+
+
+def rpc_rules(cls: type) -> dict[str, access.Rule | None]:
+    """Every ``rpc_`` method of a service class -> its declared rule (None: undeclared). Pure."""
+    out = {}
+    for attr in sorted(dir(cls)):
+        if attr.startswith("rpc_") and callable(getattr(cls, attr, None)):
+            out[attr[4:]] = getattr(getattr(cls, attr), "rpc_rule", None)
+    return out
 
 
 class ServiceError(RemoteError):
@@ -189,6 +219,9 @@ class Service:
         self._vip_reports = 0               # reports of this node's vip service taken
         self._vip_stale: asyncio.TimerHandle | None = None
         self._first_vips_task: asyncio.Task | None = None
+        self._member_roles = {n: m.role for n, m in cluster.members.items()}
+        self._switches: dict[str, Any] = dict(cluster.sections.get("security", {}))
+        self.forbidden: dict[str, int] = {}  # method -> calls refused by role (bus.roles)
 
     # -- hooks (override) ------------------------------------------------------------
     async def handle_init(self) -> None:
@@ -198,18 +231,37 @@ class Service:
         pass
 
     async def handle_call(self, method: str, args: dict, env: ch.Envelope) -> Any:
-        result = self._rpc(method, args)(**args)
+        result = self._rpc(method, args, env)(**args)
         if inspect.isawaitable(result):
             result = await result
         return result
 
-    def _rpc(self, method: str, args: dict):
-        """The bound ``rpc_<method>``, once ``args`` are known to fit its parameters; else
-        ServiceError (unknown_method, bad_arguments)."""
+    def caller_of(self, env: ch.Envelope) -> access.Principal:
+        """Who sent ``env`` (see :mod:`bus.roles`). Pure given the cluster file."""
+        return access.principal_of(env.src, env.sc, self.member.name, self._member_roles)
+
+    def _rpc(self, method: str, args: dict, env: ch.Envelope | None = None):
+        """The bound ``rpc_<method>``, once its caller may call it (ServiceError forbidden)
+        and ``args`` fit its parameters (unknown_method, bad_arguments). The role check
+        comes first: a caller that may not call a method learns nothing about its arguments.
+        ``env`` None: a call from this process itself, not checked."""
         fn = getattr(self, f"rpc_{method}", None)
         if fn is None or not callable(fn):
             raise ServiceError(f"service {self.name!r} has no method {method!r}", "unknown_method")
         func = getattr(fn, "__func__", fn)
+        wants_caller = getattr(func, "rpc_caller", False)
+        who = None
+        if env is not None:
+            rule = getattr(func, "rpc_rule", None)
+            who = self.caller_of(env)
+            if rule is None or not access.permits(rule, who, args, self._switches):
+                self.forbidden[method] = self.forbidden.get(method, 0) + 1
+                why = (access.refusal(self.name, method, rule, who) if rule is not None
+                       else f"{self.name}.{method} declares no roles: refused to everyone")
+                self.log.warning("forbidden: %s", why)
+                raise ServiceError(why, access.FORBIDDEN)
+        if wants_caller and "caller" in args:
+            raise ServiceError(f"{self.name}.{method}: 'caller' is not an argument", "bad_arguments")
         try:
             shape = _shapes.get(func)
         except TypeError:                          # an unhashable callable object: no cache
@@ -218,11 +270,14 @@ class Service:
             shape = ParamShape.of(fn)
             if func is not None:
                 _shapes[func] = shape
-        if not shape.fits(args):
+        given = {**args, "caller": None} if wants_caller else args
+        if not shape.fits(given):
             try:
-                shape.signature.bind(**args)      # only to word the error as Python does
+                shape.signature.bind(**given)      # only to word the error as Python does
             except TypeError as e:
                 raise ServiceError(f"{self.name}.{method}: {e}", "bad_arguments") from None
+        if wants_caller:
+            return functools.partial(fn, caller=who)
         return fn
 
     async def handle_tick(self) -> None:
@@ -310,10 +365,12 @@ class Service:
     async def offload(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
+    @rpc(access.ANYONE)
     def rpc_ping(self) -> dict:
         return {"service": self.name, "member": self.member.name, "pid": os.getpid(),
                 "uptime": round(time.time() - self.started, 3),
-                "reloads": self.reloads, "last_reload_rev": self.last_reload_rev}
+                "reloads": self.reloads, "last_reload_rev": self.last_reload_rev,
+                "forbidden": sum(self.forbidden.values()), "forbidden_by_method": dict(self.forbidden)}
 
     @classmethod
     def runs_on(cls, cluster: Cluster, member: str) -> bool:
@@ -340,7 +397,7 @@ class Service:
         # when it gets a value, awaits it when it gets an awaitable); an overridden
         # handle_call keeps its own (async) path.
         if type(self).handle_call is Service.handle_call:
-            return self._rpc(env.method, env.body)(**env.body)
+            return self._rpc(env.method, env.body, env)(**env.body)
         return self.handle_call(env.method, env.body, env)
 
     async def run(self) -> None:

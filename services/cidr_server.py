@@ -34,7 +34,8 @@ from bus.client import BusError
 from manager.cidr.query import QueryError, parse_query
 from manager.cidr.store import CidrStore, CidrStoreError, format_rows, result_to_dict
 from node.audit import AuditDecodeError, Window, decode_window
-from services.base import Service, ServiceError
+from services.base import Service, ServiceError, rpc
+from bus import roles as access
 from services.pulling import PullPolicy, run_pull_loop
 
 JOURNAL_LOG = "audit"
@@ -160,6 +161,7 @@ class CidrServerService(Service):
         self.executor.shutdown(wait=True)
 
     # -- RPC ------------------------------------------------------------------------
+    @rpc(access.OPERATOR)
     async def rpc_query(self, text: str) -> dict:
         """Answer one query: its text rows (Momentum's form) and the JSON form."""
         self.queries += 1
@@ -184,6 +186,7 @@ class CidrServerService(Service):
         except CidrStoreError as e:
             raise ServiceError(f"cidr store: {e}", "store_error") from None
 
+    @rpc(access.ANYONE)
     async def rpc_status(self) -> dict:
         """Per-node consumption, the store and maintenance."""
         series = await self._in_store(self.store.series_names) if self.store is not None else []

@@ -49,7 +49,8 @@ from node.configrepo import (
     Proposal, ValidationFailed, check_node_name,
 )
 from node.fsutil import atomic_write
-from services.base import Service, ServiceError
+from services.base import Service, ServiceError, rpc
+from bus import roles as access
 
 POSITION_FILE = "config.position"      # "<height> <stamp> <head>": what this module decides by
 HEIGHT_FILE = "config.height"          # "<height>" alone: read by the election's up-to-date vote rule
@@ -714,6 +715,7 @@ class ConfigSyncService(Service):
                 await asyncio.sleep(0.1)        # that attempt gave up: do not spin
 
     # -- coordinator RPC ----------------------------------------------------------------
+    @rpc(access.rule(access.MANAGER, access.SELF, switch="nodes_may_commit"))
     async def rpc_propose(self, bundle: bytes, rev: str, parent: str, proposer: str = "") -> dict:
         """Order, validate and replicate one proposal; answers once a majority holds it."""
         if not isinstance(bundle, (bytes, bytearray)) or not isinstance(rev, str) or not isinstance(parent, str):
@@ -741,6 +743,7 @@ class ConfigSyncService(Service):
         finally:
             self.inflight.discard(rev)
 
+    @rpc(access.rule(access.MANAGER, access.SELF, switch="nodes_may_commit"))
     async def rpc_bootstrap_repo(self, cluster_text: str, author: str = "") -> dict:
         """Create the repository on the coordinator and replicate it like a commit."""
         if not isinstance(cluster_text, str):
@@ -761,6 +764,7 @@ class ConfigSyncService(Service):
             await self._commit_point(pos.head, pos.height, term)
             return {"rev": pos.head, "created": True}
 
+    @rpc(access.MEMBERS)
     async def rpc_outcome(self, rev: str) -> str:
         """"committed", "pending" (still being decided) or "absent" (never will be)."""
         self._require_coordinator()
@@ -769,6 +773,7 @@ class ConfigSyncService(Service):
         return await self.git(self.sync.outcome, rev, self.committed)
 
     # -- member RPC: replication --------------------------------------------------------
+    @rpc(access.MEMBERS)
     async def rpc_store(self, bundle: bytes, rev: str, term: int) -> dict:
         """Coordinator -> member: hold ``rev`` durably (main moved, fsynced) before answering."""
         if not isinstance(rev, str) or not isinstance(term, int) or not isinstance(bundle, (bytes, bytearray)):
@@ -785,6 +790,7 @@ class ConfigSyncService(Service):
             self._spawn(self._apply_committed())
         return pos.as_dict()
 
+    @rpc(access.MEMBERS)
     async def rpc_position(self, term: int) -> dict:
         """A new coordinator of ``term`` asks where our main stands; we promise ``term``."""
         if not isinstance(term, int):
@@ -795,6 +801,7 @@ class ConfigSyncService(Service):
             raise ServiceError(str(e), "stale_term") from None
         return (await self.git(self.sync.position)).as_dict()
 
+    @rpc(access.ANYONE)
     async def rpc_head(self) -> dict:
         pos = await self.git(self.sync.position)
         return {"member": self.member.name, **pos.as_dict(), "committed": self.committed,
@@ -802,6 +809,7 @@ class ConfigSyncService(Service):
                 "coordinator": self.is_coordinator() and self.established_term == self.coord_term,
                 "term": self.coord_term}
 
+    @rpc(access.MEMBERS)
     async def rpc_snapshot(self, base: str | None = None) -> dict:
         """``{head, height, stamp, bundle}``: main from ``base`` (everything when ``base`` is
         unknown here) and the position it has, for a member catching up."""
@@ -810,6 +818,7 @@ class ConfigSyncService(Service):
         except ConfigRepoError as e:
             raise repo_error(e) from None
 
+    @rpc(access.MEMBERS)
     async def rpc_bundle_since(self, base: str | None = None) -> bytes:
         try:
             return await self.git(self.repo.bundle_since, base)
@@ -901,7 +910,16 @@ class ConfigSyncService(Service):
         except BusError:
             return None
 
+    def _may_propose(self, verb: str) -> None:
+        """A node proposes only when ``[security] nodes_may_commit`` is on. Checked here and
+        not only at the coordinator: a node that is itself the coordinator never calls out."""
+        if self.member.role == "node" and self._switches.get("nodes_may_commit") is not True:
+            self.forbidden[verb] = self.forbidden.get(verb, 0) + 1
+            raise ServiceError(f"{self.member.name} is a node and nodes may not commit configuration "
+                               "(commit on a manager, or set [security] nodes_may_commit = true)", access.FORBIDDEN)
+
     async def _commit_proposal(self, make, *args) -> dict:
+        self._may_propose("commit")
         try:
             p: Proposal = await self.git(make, *args)
         except ConfigRepoError as e:
@@ -912,12 +930,14 @@ class ConfigSyncService(Service):
         applied = await self._wait_applied(p.rev, 3.0)
         return {**result, "parent": p.parent, "member": self.member.name, "applied": applied}
 
+    @rpc(access.ADMIN_ONLY)
     async def rpc_commit(self, message: str, add_all: bool = False, author: str = "") -> dict:
         """Commit the edits of this member's live ``conf`` through the coordinator."""
         if not isinstance(message, str) or not message.strip():
             raise ServiceError("empty commit message: give -m MESSAGE", "bad_arguments")
         return await self._commit_proposal(self.repo.prepare_commit, message, bool(add_all), self._author(author))
 
+    @rpc(access.ADMIN_ONLY)
     async def rpc_revert(self, rev: str, author: str = "") -> dict:
         """Commit the inverse of ``rev`` through the coordinator."""
         if not isinstance(rev, str) or not rev:
@@ -927,8 +947,10 @@ class ConfigSyncService(Service):
     def _author(self, author: str) -> str:
         return author if isinstance(author, str) and author.strip() else f"operator <operator@{self.member.name}>"
 
+    @rpc(access.ADMIN_ONLY)
     async def rpc_bootstrap(self, cluster_text: str, author: str = "") -> dict:
         """Create the cluster's repository (through the coordinator) with this cluster file."""
+        self._may_propose("bootstrap")
         r = await self._forward("bootstrap_repo", self.commit_timeout + 5.0, cluster_text=cluster_text,
                                 author=self._author(author))
         if r.get("rev"):
@@ -939,6 +961,7 @@ class ConfigSyncService(Service):
             await self._wait_applied(r["rev"], 3.0)
         return {**r, "member": self.member.name, "applied": self.applied}
 
+    @rpc(access.ADMIN_ONLY)
     async def rpc_pull(self, theirs: bool = False) -> dict:
         """Catch up now and apply the committed revision; ``theirs`` discards local edits."""
         if not self.is_coordinator():
@@ -956,6 +979,7 @@ class ConfigSyncService(Service):
         return {"member": self.member.name, "rev": self.applied, "changed": self.applied != before,
                 "committed": self.committed}
 
+    @rpc(access.ANYONE)
     async def rpc_status(self) -> dict:
         """This member's configuration: applied rev, head, state, coordinator."""
         st = await self.git(self.sync.local_status)
@@ -968,6 +992,7 @@ class ConfigSyncService(Service):
                 "modified": st.get("modified", []), "untracked": st.get("untracked", []),
                 "coordinator": self.coordinator_now(), "term": self.coord_term}
 
+    @rpc(access.ANYONE)
     async def rpc_cluster_status(self) -> dict:
         """Every member's status; one that does not answer shows as unreachable."""
         async def one(m: str) -> dict:
@@ -984,18 +1009,21 @@ class ConfigSyncService(Service):
                 "members": list(rows)}
 
     # -- member RPC: reading the repository -----------------------------------------------
+    @rpc(access.ANYONE)
     async def rpc_log(self, n: int = 10) -> list:
         try:
             return await self.git(self.repo.log, n)
         except ConfigRepoError as e:
             raise repo_error(e) from None
 
+    @rpc(access.ANYONE)
     async def rpc_diff(self, rev: str | None = None) -> str:
         try:
             return await self.git(self.repo.diff, rev)
         except ConfigRepoError as e:
             raise repo_error(e) from None
 
+    @rpc(access.ANYONE)
     async def rpc_show(self, node: str | None = None, rev: str | None = None) -> dict:
         node = node or self.member.name
         try:

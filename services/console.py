@@ -17,7 +17,8 @@ import contextlib
 import ipaddress
 import socket
 
-from services.base import Service
+from services.base import Service, rpc
+from bus import roles as access
 
 BIND_RETRY_S = 2.0
 
@@ -109,6 +110,7 @@ class ConsoleService(Service):
             except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping anyway
                 self.task.cancel()
 
+    @rpc(access.ANYONE)
     def rpc_status(self) -> dict:
         return {"url": console_url(self.member.console_address, self.member.console_port),
                 "listening": self.listening, "error": self.error}

@@ -44,7 +44,8 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from bus.client import BusError, CallTimeout, RemoteError
-from services.base import Service, ServiceError
+from services.base import Service, ServiceError, rpc
+from bus import roles as access
 
 COMMAND_GROUP = "ecluster.commands"
 DEFAULT_TIMEOUT = 3.0
@@ -419,11 +420,13 @@ class ControlService(Service):
         return {"available": False, "error": msg}
 
     # -- RPC --------------------------------------------------------------------------
+    @rpc(access.ANYONE)
     def rpc_status(self) -> dict:
         return {"member": self.member.name, "role": self.member.role, "cluster": self.cluster.name,
                 "pid": os.getpid(), "host": platform.node(), "time": time.time(),
                 "uptime": round(time.time() - self.started, 3)}
 
+    @rpc(access.ANYONE)
     def rpc_version(self) -> dict:
         from importlib.metadata import version
 
@@ -431,6 +434,7 @@ class ControlService(Service):
         return {"member": self.member.name, "ecluster": version("ecluster"), "python": platform.python_version(),
                 "zmq": zmq.zmq_version(), "pyzmq": zmq.__version__}
 
+    @rpc(access.OPERATOR)
     async def rpc_run(self, command: Any, args: Any = None, budget: float = 2.0) -> dict:
         """Run one command on this member; always a typed reply (ok or error).
 
@@ -498,6 +502,7 @@ class ControlService(Service):
         return {"command": name, "args": rest, "timeout": timeout, "manager": self.member.name,
                 "elapsed": round(time.monotonic() - started, 3), "replies": dict(pairs)}
 
+    @rpc(access.OPERATOR)
     async def rpc_broadcast(self, command: Any, args: Any = None, timeout_s: float = DEFAULT_TIMEOUT,
                             members: list | None = None, include_managers: bool = False) -> dict:
         """Run a command on every node (``include_managers``: every member; or ``members``),
@@ -517,6 +522,7 @@ class ControlService(Service):
             targets = list(self.cluster.nodes) + (list(self.cluster.managers) if include_managers else [])
         return await self._delegate(targets, name, rest, timeout)
 
+    @rpc(access.OPERATOR)
     async def rpc_unicast(self, node: str, command: Any, args: Any = None,
                           timeout_s: float = DEFAULT_TIMEOUT) -> dict:
         """Run a command on one member; down when it does not answer within ``timeout_s``."""
@@ -528,6 +534,7 @@ class ControlService(Service):
         name, rest = self._prepare_here(command, args)
         return await self._delegate([node], name, rest, timeout)
 
+    @rpc(access.ANYONE)
     def rpc_commands(self) -> list[dict]:
         """Every command known here: name, usage, one-line summary (for the console's form)."""
         return [{"name": c.name, "usage": c.usage(), "summary": c.summary()}

@@ -44,7 +44,8 @@ from bus.client import BusError
 from node.fsutil import atomic_write
 from node.health import HealthBook
 from node.vipcore import HoldRecord, VipSpec, assign_vips, vip_key
-from services.base import Service, ServiceError
+from services.base import Service, ServiceError, rpc
+from bus import roles as access
 
 FOLLOWER, CANDIDATE, LEADER = "follower", "candidate", "leader"
 CONFIG_HEIGHT_FILE = "config.height"     # written by configsync: commits on this member's main
@@ -262,6 +263,7 @@ class ElectionService(Service):
             return f"voted for {self.voted_for}"
         return None
 
+    @rpc(access.rule(access.SELF, own="candidate"))
     def rpc_prevote(self, term: int, candidate: str, config_height: int = 0) -> dict:
         """Would we vote for ``candidate`` in ``term``? Changes nothing (no term, no vote)."""
         if candidate not in self.voters or not isinstance(term, int) or not isinstance(config_height, int):
@@ -272,6 +274,7 @@ class ElectionService(Service):
             out["reason"] = reason
         return out
 
+    @rpc(access.rule(access.SELF, own="candidate"))
     def rpc_vote(self, term: int, candidate: str, config_height: int = 0) -> dict:
         now = time.monotonic()
         if candidate not in self.voters or not isinstance(term, int) or not isinstance(config_height, int):
@@ -470,6 +473,7 @@ class ElectionService(Service):
                 cur = self.promises[vip] = nxt
         return cur
 
+    @rpc(access.rule(access.SELF, own="holder"))
     def rpc_promise(self, holder: str, vips: list, asked: float | None = None) -> dict:
         """Promise each VIP in ``vips`` to ``holder`` if we safely can. Never blocks.
 
@@ -528,6 +532,7 @@ class ElectionService(Service):
                             "reason": f"promised to {cur[0]}, then {nxt[0]}"}
         return {"voter": self.member.name, "term": self.term, "results": out}
 
+    @rpc(access.rule(access.SELF, own="holder"))
     def rpc_release(self, holder: str, vips: list, before: dict | None = None) -> dict:
         """``holder`` has unplumbed ``vips``: drop its promises; a successor's becomes current.
 
@@ -556,19 +561,27 @@ class ElectionService(Service):
         return {"released": released}
 
     # -- administration ---------------------------------------------------------------
-    async def _forward(self, method: str, **args) -> Any:
+    async def _forward(self, method: str, caller: access.Principal, **args) -> Any:
+        """None on the coordinator (serve it here); elsewhere the coordinator's answer.
+
+        Only this member's own callers are forwarded: a forwarded call carries this
+        member's identity, never the original caller's (bus.roles), so a remote caller is
+        told where the coordinator is instead (``not_coordinator``) and asks it itself."""
         if self.role == LEADER:
             return None
         if not self.leader:
             raise ServiceError("no coordinator at the moment (no majority?); try again", "no_coordinator")
+        if not caller.local:
+            raise ServiceError(f"not the coordinator: ask {self.leader}", "not_coordinator")
         return await self.call(self.leader, "election", method, timeout=2.0, **args)
 
     def _check_node(self, node: str) -> None:
         if node not in self.cluster.nodes:
             raise ServiceError(f"unknown node {node!r} (nodes: {', '.join(self.cluster.nodes)})", "unknown_node")
 
-    async def rpc_move(self, vip: str, node: str) -> dict:
-        fwd = await self._forward("move", vip=vip, node=node)
+    @rpc(access.OPERATOR, caller=True)
+    async def rpc_move(self, vip: str, node: str, caller: access.Principal) -> dict:
+        fwd = await self._forward("move", caller, vip=vip, node=node)
         if fwd is not None:
             return fwd
         key = vip_key(vip)
@@ -600,8 +613,9 @@ class ElectionService(Service):
         await self._publish_assignment()
         return {"vip": key, "node": node, "term": self.term}
 
-    async def rpc_unpin(self, vip: str) -> dict:
-        fwd = await self._forward("unpin", vip=vip)
+    @rpc(access.OPERATOR, caller=True)
+    async def rpc_unpin(self, vip: str, caller: access.Principal) -> dict:
+        fwd = await self._forward("unpin", caller, vip=vip)
         if fwd is not None:
             return fwd
         self.pinned.pop(vip_key(vip), None)
@@ -609,8 +623,9 @@ class ElectionService(Service):
         await self._publish_assignment()
         return {"vip": vip_key(vip)}
 
-    async def rpc_drain(self, node: str) -> dict:
-        fwd = await self._forward("drain", node=node)
+    @rpc(access.rule(access.ADMIN, access.MANAGER, access.SELF, own="node"), caller=True)
+    async def rpc_drain(self, node: str, caller: access.Principal) -> dict:
+        fwd = await self._forward("drain", caller, node=node)
         if fwd is not None:
             return fwd
         self._check_node(node)
@@ -620,8 +635,9 @@ class ElectionService(Service):
         await self._publish_assignment()
         return {"drained": sorted(self.drained)}
 
-    async def rpc_undrain(self, node: str) -> dict:
-        fwd = await self._forward("undrain", node=node)
+    @rpc(access.rule(access.ADMIN, access.MANAGER, access.SELF, own="node"), caller=True)
+    async def rpc_undrain(self, node: str, caller: access.Principal) -> dict:
+        fwd = await self._forward("undrain", caller, node=node)
         if fwd is not None:
             return fwd
         self._check_node(node)
@@ -630,6 +646,7 @@ class ElectionService(Service):
         await self._publish_assignment()
         return {"drained": sorted(self.drained)}
 
+    @rpc(access.ANYONE)
     def rpc_status(self) -> dict:
         now = time.monotonic()
         return {

@@ -39,7 +39,8 @@ from typing import Any
 
 from node.health import UNHEALTHY, UNKNOWN, CheckState, guarded_vips
 from node.vipcore import vip_key
-from services.base import Service
+from services.base import Service, rpc
+from bus import roles as access
 
 OUTPUT_MAX = 4096          # bytes of a command's output kept (the rest is read and dropped)
 QUIT_WAIT = 0.2            # s: at most this long to say QUIT to an SMTP server
@@ -290,6 +291,7 @@ class HealthService(Service):
         self.published_at = time.monotonic()
         await self.publish("health.status", self.report())
 
+    @rpc(access.ANYONE)
     def rpc_status(self) -> dict:
         out = self.report()
         out["configured"] = [{"name": c.name, "kind": c.kind, "interval": c.interval, "timeout": c.timeout,
@@ -298,6 +300,7 @@ class HealthService(Service):
                              for c in self.checks]
         return out
 
+    @rpc(access.ANYONE)
     def rpc_metrics(self) -> list[dict[str, Any]]:
         """Families for services/metrics.py: state and probe counters per check."""
         healthy = {"name": "ecluster_check_healthy", "type": "gauge",

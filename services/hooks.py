@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from node.fsutil import atomic_write
-from services.base import Service
+from services.base import Service, rpc
+from bus import roles as access
 
 KINDS = ("vip", "config", "member")
 MAX_QUEUED = 100                   # runs waiting per kind; past it the oldest is dropped
@@ -455,6 +456,7 @@ class HooksService(Service):
                          hook=event.kind, event=event.name, subject=event.subject, reason=reason)
 
     # -- RPC ------------------------------------------------------------------------------
+    @rpc(access.ANYONE)
     def rpc_status(self) -> dict:
         """Per kind: the hook, queue length, the run in progress, the last run, counters."""
         now = time.monotonic()
@@ -471,6 +473,7 @@ class HooksService(Service):
                 "vips_told": sorted(self.vips_told), "vips_known": sorted(self.vips_known or ()),
                 "config_told": self.config_told}
 
+    @rpc(access.ANYONE)
     def rpc_metrics(self) -> list[dict]:
         """Prometheus families for the metrics service (the plug-in shape: services/metrics.py)."""
         def fam(name, kind, text, samples):

@@ -45,7 +45,8 @@ from node.jlog import (
     UnknownSubscriber,
     inspect as inspect_log,
 )
-from services.base import Service, ServiceError
+from services.base import Service, ServiceError, rpc
+from bus import roles as access
 
 STANDARD_LOGS = ("mainlog", "rejectlog", "bouncelog", "paniclog", "acctlog", "audit")
 AUDIT_LOG = "audit"
@@ -333,6 +334,7 @@ class JlogService(Service):
             self._writers.pop(log, None)
 
     # -- RPC ----------------------------------------------------------------------------------
+    @rpc(access.LOCAL_ONLY)
     async def rpc_write(self, log: str, records: list) -> dict:
         """Append ``records`` to ``log``; answers once they are durable per the fsync policy."""
         j = self.journal(log)
@@ -345,6 +347,7 @@ class JlogService(Service):
             self._writers[log] = asyncio.get_running_loop().create_task(self._writer(log, j))
         return {"last_seq": await fut}
 
+    @rpc(access.OPERATOR)
     async def rpc_read(self, log: str, subscriber: str, max_records: int = 5000, max_bytes: int = 4 << 20,
                        ack: int | None = None) -> dict:
         """Records after ``subscriber``'s checkpoint (at least once until it checkpoints).
@@ -369,6 +372,7 @@ class JlogService(Service):
         return {"records": list(batch), "last_seq": j.last_seq,
                 "dropped": batch.dropped}
 
+    @rpc(access.OPERATOR)
     async def rpc_checkpoint(self, log: str, subscriber: str, seq: int) -> dict:
         """Acknowledge every record up to ``seq`` for ``subscriber``."""
         j = self.journal(log)
@@ -377,6 +381,7 @@ class JlogService(Service):
         await self._run(j.checkpoint, subscriber, seq)
         return {"checkpoint": seq}
 
+    @rpc(access.ANYONE)
     async def rpc_status(self) -> dict:
         """Every log: seqs, disk bytes, subscribers with checkpoint and lag, active alarms."""
         def collect() -> dict:
@@ -407,11 +412,13 @@ class JlogService(Service):
 
         return {"node": self.member.name, "logs": await self.offload(collect)}
 
+    @rpc(access.OPERATOR)
     async def rpc_inspect(self, log: str) -> dict:
         """Segments, seqs, subscribers, alarms, torn bytes and counters of ``log``."""
         self.journal(log)
         return await self._run(inspect_log, self.root, log)
 
+    @rpc(access.ADMIN_ONLY)
     async def rpc_repair(self, log: str, force: bool = False) -> dict:
         """What recovery could not settle; with ``force`` fix it (see Journal.repair)."""
         j = self.journal(log)
@@ -421,6 +428,7 @@ class JlogService(Service):
         await self._check_alarms()
         return out
 
+    @rpc(access.OPERATOR)
     async def rpc_subscribers(self, log: str) -> dict:
         """The declared subscribers of ``log`` with checkpoint and lag."""
         j = self.journal(log)
@@ -434,6 +442,7 @@ class JlogService(Service):
 
         return {"log": log, "subscribers": await self._run(collect)}
 
+    @rpc(access.ADMIN_ONLY)
     async def rpc_remove_subscriber(self, log: str, subscriber: str) -> dict:
         """Forget a subscriber; a declared one (logagg-/cidr-<manager>) comes back at the next start."""
         j = self.journal(log)

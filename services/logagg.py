@@ -32,7 +32,8 @@ from typing import Any
 from bus.client import BusError
 from manager.logsink import STATE_DIR, Sink, SinkError, day_of
 from node.datadir import DirLock, LockedError
-from services.base import Service
+from services.base import Service, rpc
+from bus import roles as access
 from services.jlog import WRITTEN_TOPIC, log_names, logagg_subscriber
 from services.pulling import PullPolicy, ack_after_failure, ack_args, checkpoint_after, run_pull_loop
 
@@ -224,6 +225,7 @@ class LogAggService(Service):
         lane.error = None
         return len(records)
 
+    @rpc(access.ANYONE)
     async def rpc_status(self) -> dict:
         """Per node and log: seq written, lag at the node (records, bytes), last error."""
         async def node_status(node: str) -> tuple[str, Any]:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from node.fsutil import atomic_write
-from services.base import Service
+from services.base import Service, rpc
+from bus import roles as access
 
 ALIVE, SUSPECT, DEAD = "alive", "suspect", "dead"
 
@@ -154,5 +155,6 @@ class MembershipService(Service):
         self.last_view_pub = time.time()
         await self.publish("membership.view", self.view())
 
+    @rpc(access.ANYONE)
     def rpc_view(self) -> dict:
         return self.view()

@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from bus.client import BusError, RemoteError
-from services.base import Service
+from services.base import Service, rpc
+from bus import roles as access
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ASK_TIMEOUT = 0.8
@@ -444,6 +445,7 @@ class MetricsService(Service):
                 self.log.warning("family left out: %s", e)
         return render(good)
 
+    @rpc(access.ANYONE)
     def rpc_status(self) -> dict:
         """Where it serves, whether it could bind, how many scrapes, which services it asks."""
         m = self.member

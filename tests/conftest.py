@@ -73,9 +73,14 @@ def short_dir(prefix: str = "ecl") -> Path:
 
 def cluster_text(name: str, nodes: Sequence[tuple[str, str, tuple[int, ...]]],
                  managers: Sequence[tuple[str, str, tuple[int, ...]]], data_root: Path,
-                 preset: str = "lan", extra: str = "") -> str:
-    """Cluster-file text for (name, address, (bus, pub, metrics, console)) members. Pure."""
+                 preset: str = "lan", extra: str = "", nodes_may_commit: bool = True) -> str:
+    """Cluster-file text for (name, address, (bus, pub, metrics, console)) members. Pure.
+
+    Tests commit through nodes (eccfg --member n1), so the [security] switch that allows it
+    is on unless asked otherwise (its default in a cluster file is off)."""
     lines = ["[cluster]", f'name = "{name}"', 'keys = "keys"', f'preset = "{preset}"', "vip_dry_run = true", ""]
+    if nodes_may_commit:
+        lines += ["[security]", "nodes_may_commit = true", ""]
     for table, members in (("nodes", nodes), ("managers", managers)):
         for mname, address, (bus, pub, metrics, console) in members:
             lines += [f"[{table}.{mname}]", f'address = "{address}"', f'data_dir = "{data_root / mname}"',
@@ -87,7 +92,8 @@ def cluster_text(name: str, nodes: Sequence[tuple[str, str, tuple[int, ...]]],
 
 
 def make_cluster_file(base: Path, n_nodes: int = 3, n_managers: int = 0, addresses: Sequence[str] | None = None,
-                      extra: str = "", data_root: Path | None = None, preset: str = "lan", name: str = "test"):
+                      extra: str = "", data_root: Path | None = None, preset: str = "lan", name: str = "test",
+                      nodes_may_commit: bool = True):
     """Write ``base/cluster.toml`` and its keys; return the loaded :class:`Cluster`.
 
     Members are ``n1..nN`` then ``m1..mM``. Without ``addresses`` they all listen on
@@ -107,7 +113,8 @@ def make_cluster_file(base: Path, n_nodes: int = 3, n_managers: int = 0, address
         spec = [(nm, addr, (7400, 7401, 7402, 7480)) for nm, addr in zip(names, addresses)]
     base.mkdir(parents=True, exist_ok=True)
     root = data_root or base / "data"
-    text = cluster_text(name, spec[:n_nodes], spec[n_nodes:], root, preset=preset, extra=extra)
+    text = cluster_text(name, spec[:n_nodes], spec[n_nodes:], root, preset=preset, extra=extra,
+                        nodes_may_commit=nodes_may_commit and "[security]" not in extra)
     path = base / "cluster.toml"
     path.write_text(text)
     for nm in [*names, keymod.ADMIN]:
@@ -121,11 +128,11 @@ def make_cluster(tmp_path):
     roots: list[Path] = []
 
     def factory(n_nodes: int = 3, n_managers: int = 0, addresses=None, extra: str = "", preset: str = "lan",
-                sub: str = "c"):
+                sub: str = "c", nodes_may_commit: bool = True):
         root = short_dir()
         roots.append(root)
         return make_cluster_file(tmp_path / sub, n_nodes, n_managers, addresses, extra, data_root=root,
-                                 preset=preset)
+                                 preset=preset, nodes_may_commit=nodes_may_commit)
 
     yield factory
     for r in roots:

@@ -19,8 +19,11 @@ import asyncio, logging, signal, sys
 from ecluster.clusterfile import load_cluster
 from services.base import load_service
 
-async def main(path, member, names):
+async def main(path, member, names, keys):
     cluster = load_cluster(path)
+    if keys:                        # this member's own bundle (ecluster --keys DIR)
+        import dataclasses, pathlib
+        cluster = dataclasses.replace(cluster, keys_dir=pathlib.Path(keys))
     services = [load_service(n)(cluster, member) for n in names]
     tasks = [asyncio.create_task(s.run()) for s in services]
     await asyncio.sleep(0)          # every run() has installed its own handlers: take them over
@@ -30,7 +33,7 @@ async def main(path, member, names):
     await asyncio.gather(*tasks)
 
 logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3].split(",")))
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4] if len(sys.argv) > 4 else ""))
 """
 
 
@@ -42,10 +45,13 @@ class MiniCluster:
         self.procs = procs
         self.members: dict[str, list[subprocess.Popen]] = {}
 
-    def start(self, member: str, services: Sequence[str]) -> None:
-        broker = self.procs.start(["bus", "run", "-c", self.cluster.path, "-m", member], name=f"broker-{member}")
+    def start(self, member: str, services: Sequence[str], keys=None) -> None:
+        """Start ``member``'s broker and services; ``keys``: its own key directory (a bundle)."""
+        opt = ["--keys", str(keys)] if keys else []
+        broker = self.procs.start([*opt, "bus", "run", "-c", self.cluster.path, "-m", member], name=f"broker-{member}")
         svc = self.procs.start([], name=f"services-{member}",
-                               argv=[sys.executable, "-c", RUNNER, str(self.cluster.path), member, ",".join(services)])
+                               argv=[sys.executable, "-c", RUNNER, str(self.cluster.path), member, ",".join(services),
+                                     str(keys or "")])
         self.members[member] = [broker, svc]
 
     def kill(self, member: str) -> None:

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ecluster.clusterfile import Check
+from bus.roles import Principal
 from node.health import HEALTHY, UNHEALTHY, UNKNOWN, CheckState, HealthBook, guarded_vips
 from node.vipcore import VipSpec, assign_vips
 from services.health import HealthService, probe_command, run_probe
@@ -515,7 +516,7 @@ def test_move_to_a_node_failing_a_check_is_refused(make_cluster):
         es.vip_status[n] = {"held": [], "_at": now}
     es.health.take("n3", report([B]), now)          # the follower's check fails on n3
     with pytest.raises(ServiceError) as e:
-        asyncio.run(es.rpc_move(A, "n3"))
+        asyncio.run(es.rpc_move(A, "n3", caller=Principal("n1", "node", local=True)))
     assert e.value.code == "node_unhealthy" and "\n" not in e.value.message and B in e.value.message
 
 

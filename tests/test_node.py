@@ -128,7 +128,8 @@ def test_supervisor_conf_takes_plugins_and_escapes(make_cluster):
                            services=["control", "smtp"])
     cp = parse_conf(text)
     assert cp["program:smtp"]["command"] == \
-        "/opt/py/bin/python -m ecluster.cli service run smtp --config /etc/ec%%1/cluster.toml --member n1"
+        (f"/opt/py/bin/python -m ecluster.cli --keys {cluster.keys_dir} service run smtp"
+         " --config /etc/ec%%1/cluster.toml --member n1")
     with pytest.raises(SupervisorError, match="broker"):
         supervisor_conf(cluster, "n1", services=["broker"])
 

@@ -22,7 +22,8 @@ if __name__ != "__main__":
 
 from ecluster.clusterfile import Cluster, Hooks, Vip
 from ecluster.timing import preset
-from services.base import Service, held_by_kind, no_vips, stale_after, vip_kernel_lifetime, vip_kinds
+from bus import roles as access
+from services.base import Service, held_by_kind, no_vips, rpc, stale_after, vip_kernel_lifetime, vip_kinds
 
 VIP_A, VIP_B, VIP_OUT = "127.0.0.100", "127.0.0.101", "127.0.0.102"
 KINDS = {VIP_A: "injection", VIP_B: "injection", VIP_OUT: "outbound"}
@@ -43,10 +44,12 @@ class WatcherService(Service):
     async def handle_vips(self, held):
         self.calls.append({"held": {k: list(v) for k, v in held.items()}, "at": time.monotonic()})
 
+    @rpc(access.ANYONE)
     def rpc_watched(self) -> dict:
         return {"held_vips": {k: list(v) for k, v in self.held_vips.items()}, "calls": self.calls,
                 "now": time.monotonic()}
 
+    @rpc(access.ANYONE)
     async def rpc_ask(self) -> dict:
         return {k: list(v) for k, v in (await self.ask_held_vips()).items()}
 

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from ecluster.commands.common import ConfigOpt, JsonOpt, MemberOpt, die, load, new_app, print_json
+from ecluster.commands.common import ConfigOpt, JsonOpt, MemberOpt, die, load, new_app, print_json, remote_client
 
 app = new_app("Audit series (as_logger): count events by source address.")
 
@@ -23,12 +23,11 @@ def audit_add(series: Annotated[str, typer.Argument(metavar="SERIES", help="Seri
 
     Example: ecluster audit add -c cluster.toml --member n1 connections 10.1.2.3 5
     """
-    from bus.client import SyncClient
     cluster = load(config)
     m = cluster.member(member)
     if m.role != "node":
         die(f"{member} is a {m.role}: as_logger runs on nodes ({', '.join(cluster.nodes)})")
-    with SyncClient(cluster, remote=m.name) as c:
+    with remote_client(cluster, m.name) as c:
         rep = c.call(m.name, "as_logger", "add", timeout=timeout, series=series, address=address, count=count)
     if json_:
         print_json(rep)

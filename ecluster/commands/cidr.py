@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ecluster.commands.common import CliError, ConfigOpt, JsonOpt, die, load, print_json
+from ecluster.commands.common import CliError, ConfigOpt, JsonOpt, die, load, print_json, remote_client
 
 PROMPT = "cidr> "
 HISTORY_FILE = "~/.ecluster_cidr_history"
@@ -67,9 +67,8 @@ class Managers:
         self.clients: dict[str, Any] = {}
 
     def _client(self, name: str):
-        from bus.client import SyncClient
         if name not in self.clients:
-            self.clients[name] = SyncClient(self.cluster, remote=name)
+            self.clients[name] = remote_client(self.cluster, name)
         return self.clients[name]
 
     def query(self, text: str) -> dict:

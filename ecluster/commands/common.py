@@ -24,7 +24,15 @@ except ImportError:         # pragma: no cover - older typer uses click itself
 from ecluster.clusterfile import Cluster, ClusterFileError, load_cluster
 
 CONFIG_ENV = "ECLUSTER_CONFIG"
+KEYS_ENV = "ECLUSTER_KEYS"
+IDENTITY_ENV = "ECLUSTER_IDENTITY"
 DEBUG_ENV = "ECLUSTER_DEBUG"      # set to 1 to see the traceback of an unexpected error
+#: where a host keeps its cluster file when neither --config nor $ECLUSTER_CONFIG says
+DEFAULT_CONFIG = Path("/etc/ecluster/cluster.toml")
+DEFAULT_IDENTITY = "admin"
+
+#: the root options (``ecluster --keys DIR --identity NAME ...``), set once per run
+SESSION: dict[str, Any] = {"keys": None, "identity": None}
 
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", "-c", envvar=CONFIG_ENV, metavar="FILE", show_envvar=True,
@@ -33,6 +41,9 @@ MemberOpt = Annotated[str, typer.Option(
     "--member", "-m", metavar="NAME", help="A member of the cluster (node or manager) by name.")]
 OptionalMemberOpt = Annotated[str | None, typer.Option(
     "--member", "-m", metavar="NAME", help="A member of the cluster (node or manager) by name.")]
+KeysOpt = Annotated[Path | None, typer.Option(
+    "--keys", metavar="DIR", help="This host's key directory (its bundle), instead of the cluster file's "
+                                  "`keys` (same as `ecluster --keys DIR ...`).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
@@ -55,10 +66,30 @@ def die(message: str, code: int = 1) -> NoReturn:
 
 
 def load(config: Path | None) -> Cluster:
-    """Read the cluster file named by --config (or $ECLUSTER_CONFIG)."""
+    """Read the cluster file named by --config (or $ECLUSTER_CONFIG, else
+    /etc/ecluster/cluster.toml), with the key directory of --keys (or $ECLUSTER_KEYS)
+    in place of the file's ``keys`` when given: a host's own bundle."""
     if config is None:
-        die(f"no cluster file: give --config FILE or set {CONFIG_ENV}", 2)
-    return load_cluster(config)
+        if not DEFAULT_CONFIG.exists():
+            die(f"no cluster file: give --config FILE, set {CONFIG_ENV}, or create {DEFAULT_CONFIG}", 2)
+        config = DEFAULT_CONFIG
+    cluster = load_cluster(config)
+    keys = SESSION.get("keys") or os.environ.get(KEYS_ENV)
+    if keys:
+        import dataclasses
+        cluster = dataclasses.replace(cluster, keys_dir=Path(keys).absolute())
+    return cluster
+
+
+def identity() -> str:
+    """The key name this CLI acts with over tcp (--identity, $ECLUSTER_IDENTITY, admin)."""
+    return SESSION.get("identity") or os.environ.get(IDENTITY_ENV) or DEFAULT_IDENTITY
+
+
+def remote_client(cluster: Cluster, member: str):
+    """A SyncClient to ``member``'s broker over tcp, authenticated with this CLI's identity."""
+    from bus.client import SyncClient
+    return SyncClient(cluster, remote=member, key=identity())
 
 
 def print_json(value: Any) -> None:
@@ -67,12 +98,14 @@ def print_json(value: Any) -> None:
 
 def member_client(cluster: Cluster, member: str):
     """A SyncClient to ``member``: over its broker's ipc socket when that is here and
-    usable (the member runs on this machine), else over tcp with the admin key."""
+    usable (the member runs on this machine: the call is the member's own) and no
+    identity was asked for, else over tcp with this CLI's identity (default admin)."""
     from bus.client import SyncClient
     sock = cluster.member(member).run_dir / "bus.ipc"
-    if sock.exists() and os.access(sock, os.R_OK | os.W_OK):
+    explicit = SESSION.get("identity") or os.environ.get(IDENTITY_ENV)
+    if not explicit and sock.exists() and os.access(sock, os.R_OK | os.W_OK):
         return SyncClient(cluster, via=member)
-    return SyncClient(cluster, remote=member)
+    return remote_client(cluster, member)
 
 
 #: remote error codes meaning "this member cannot serve the call": the next one is asked
@@ -80,17 +113,17 @@ NOT_SERVED = ("unreachable", "no_service")
 
 
 def first_answer(cluster: Cluster, names: Iterable[str], ask: Callable[[Any, str], Any], who: str = "member") -> Any:
-    """The answer of ``ask(client, name)`` from the first of ``names`` that answers (tcp, admin key).
+    """The answer of ``ask(client, name)`` from the first of ``names`` that answers (tcp, :func:`identity`).
 
     A member that does not answer (a timeout, or a broker reporting it unreachable or
     without the service) is skipped; any other error is the cluster's answer and is
     raised as is. When none answers: one line naming each failure.
     """
-    from bus.client import CallTimeout, RemoteError, SyncClient
+    from bus.client import CallTimeout, RemoteError
     failures = []
     for name in names:
         try:
-            with SyncClient(cluster, remote=name) as c:
+            with remote_client(cluster, name) as c:
                 return ask(c, name)
         except CallTimeout:
             failures.append(f"{name}: no answer")

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated, Callable
 
 import typer
 
-from ecluster.commands.common import ConfigOpt, JsonOpt, OptionalMemberOpt, die, load, new_app, print_json
+from ecluster.commands.common import (ConfigOpt, JsonOpt, OptionalMemberOpt, die, identity, load, new_app,
+                                      print_json, remote_client)
 
 app = new_app("CURVE key pairs: one per member and one for the admin CLI.")
 
@@ -32,6 +34,42 @@ def keys_init(config: ConfigOpt = None,
         state = ("regenerated" if force else "kept") if existed else "created"
         typer.echo(f"{name}: {state}")
     typer.echo(f"keys in {cluster.keys_dir}")
+
+
+@app.command("bundle")
+def keys_bundle(out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR",
+                                                  help="A new directory to write the bundle into.")],
+                config: ConfigOpt = None, member: OptionalMemberOpt = None,
+                admin: Annotated[bool, typer.Option("--admin", help="The bundle of the host the operator runs "
+                                                    "the CLI on: the admin (or --identity) secret.")] = False):
+    """Write the key directory one host needs, and nothing more.
+
+    --member NAME: NAME's secret key and every public key (members and admin), for the
+    host that runs NAME (start it with `--keys DIR`). --admin: the admin secret (or the
+    one of `ecluster --identity NAME`) and every public key, for the operator's machine.
+    The directory is 0700, secrets 0600; a stolen node bundle is one node, not the cluster.
+
+    Example: ecluster keys bundle -c cluster.toml --member n1 --out /tmp/n1-keys
+    """
+    from bus import keys as keymod
+    cluster = load(config)
+    if (member is None) == (not admin):
+        die("give exactly one of --member NAME or --admin", 2)
+    if member is not None:
+        cluster.member(member)
+        name = member
+    else:
+        name = identity()
+        if name in cluster.members:
+            die(f"{name!r} is a member: use --member {name}", 2)
+    try:
+        files = keymod.bundle(cluster.keys_dir, out, name)
+    except keymod.KeyError_ as e:
+        die(str(e))
+    missing = [n for n in [*cluster.members, keymod.ADMIN] if f"{n}.key" not in files]
+    typer.echo(f"{out}: {name}'s secret key and {len(files) - 1} public keys")
+    if missing:
+        typer.echo(f"warning: no public key for {', '.join(missing)} (run: ecluster keys init)", err=True)
 
 
 def key_rows(cluster) -> list[dict]:
@@ -93,7 +131,7 @@ def rotation_plan(members: list[str], admin: str, only: str | None) -> list[tupl
     then the staged pair becomes its current one. The admin key is promoted last; old
     public keys are forgotten, everywhere, only at the end.
     """
-    names = [only] if only else [*members, admin]
+    names = [only] if only else list(dict.fromkeys([*members, admin]))
     switched = [n for n in names if n in members]
     steps: list[tuple] = [("stage", n) for n in names] + [("reload",)]
     for m in switched:
@@ -108,20 +146,24 @@ def rotate_keys(cluster, only: str | None = None, echo: Callable[[str], None] = 
     """Rotate the key pairs of every member and the admin key (or only ``only``'s) on a
     running cluster, with no call failing on the way. Returns the names rotated.
 
-    Every broker must be running and share this key directory (one host, or a directory
-    kept identical on every host). Raises RuntimeError (one line) when a step fails; the
-    cluster keeps working and running the command again finishes the job.
+    Works with a bundle per host (docs/SECURITY.md): each member makes its new pair on its
+    own host (``bus.stage_key``) and only its public key travels, from here to every other
+    broker (``bus.put_public``) and into this CLI's key directory; the admin's new pair is
+    made here. Works the same when every host reads one shared directory (each step is
+    idempotent). Every broker must be running. Raises RuntimeError (one line) when a step
+    fails; the cluster keeps working and running the command again finishes the job.
     """
     from bus import keys as keymod
-    from bus.client import BusError, SyncClient
+    from bus.client import BusError
 
     members = list(cluster.members)
-    if only is not None and only not in members and only != keymod.ADMIN:
-        die(f"unknown member {only!r} (members: {', '.join(members)}, or {keymod.ADMIN})")
+    me = identity()
+    if only is not None and only not in members and only != me:
+        die(f"unknown member {only!r} (members: {', '.join(members)}, or {me})")
     d = cluster.keys_dir
 
     def call(target: str, method: str, via: str | None = None, **args):
-        with SyncClient(cluster, remote=via or target) as c:
+        with remote_client(cluster, via or target) as c:
             return c.call(target, "bus", method, timeout=CALL_TIMEOUT, **args)
 
     def step(what: str, fn, *args, **kw):
@@ -133,12 +175,20 @@ def rotate_keys(cluster, only: str | None = None, echo: Callable[[str], None] = 
     for m in members:       # everyone must be there before anything changes
         step(f"checking {m}", call, m, "ping")
     staged: dict[str, str] = {}
-    plan = rotation_plan(members, keymod.ADMIN, only)
+    plan = rotation_plan(members, me, only)
     for s in plan:
         kind = s[0]
         if kind == "stage":
-            staged[s[1]] = step(f"staging {s[1]}", keymod.stage, d, s[1]).public.decode()
-            echo(f"{s[1]}: new key pair staged")
+            name = s[1]
+            if name in members:     # made on its own host: the secret never travels
+                staged[name] = step(f"staging {name}", call, name, "stage_key")["public"]
+                step(f"taking {name}'s new public key here", keymod.put_public, d, name, staged[name].encode())
+            else:
+                staged[name] = step(f"staging {name}", keymod.stage, d, name).public.decode()
+            for m in members:
+                if m != name:
+                    step(f"giving {m} {name}'s new public key", call, m, "put_public", name=name, public=staged[name])
+            echo(f"{name}: new key pair staged")
         elif kind == "reload":
             for m in members:
                 step(f"reloading keys on {m}", call, m, "reload_keys")
@@ -152,11 +202,20 @@ def rotate_keys(cluster, only: str | None = None, echo: Callable[[str], None] = 
             _wait_switched(cluster, s[1], call)
             echo(f"{s[1]}: switched to its new key")
         elif kind == "promote":
-            step(f"promoting {s[1]}'s key", keymod.promote, d, s[1])
+            name, public = s[1], staged[s[1]]
+            # here first: this CLI must know a switched member's new key to reach it
+            if name in members:
+                step(f"promoting {name}'s key here", keymod.promote_public, d, name, public.encode())
+            else:
+                step(f"promoting {name}'s key here", keymod.promote_own, d, name, public.encode())
+            for m in ([name] if name in members else []) + [m for m in members if m != name]:
+                step(f"promoting {name}'s key on {m}", call, m, "promote_key", name=name, public=public)
         elif kind == "retire":
             keymod.retire(d, s[1])
+            for m in members:
+                step(f"retiring {s[1]}'s old key on {m}", call, m, "retire_key", name=s[1])
     echo("old keys removed")
-    return [only] if only else [*members, keymod.ADMIN]
+    return [only] if only else [*members, me]
 
 
 def _wait_switched(cluster, member: str, call) -> None:

@@ -5,14 +5,16 @@ from typing import Annotated
 
 import typer
 
-from ecluster.commands.common import ConfigOpt, die, load, new_app
+from ecluster.commands.common import SESSION, ConfigOpt, KeysOpt, die, load, new_app
 
 app = new_app("Run a node.")
 
 
-def run_role(config, name: str, role: str) -> int:
+def run_role(config, name: str, role: str, keys=None) -> int:
     """Shared by ``node run`` and ``manager run``: check the role, run supervisord."""
     from node.supervisor import run_member
+    if keys is not None:
+        SESSION["keys"] = keys
     cluster = load(config)
     m = cluster.member(name)
     if m.role != role:
@@ -23,15 +25,16 @@ def run_role(config, name: str, role: str) -> int:
 
 @app.command("run")
 def node_run(config: ConfigOpt = None,
-             node: Annotated[str, typer.Option("--node", "-n", metavar="NAME", help="The node to run.")] = ...):
+             node: Annotated[str, typer.Option("--node", "-n", metavar="NAME", help="The node to run.")] = ...,
+             keys: KeysOpt = None):
     """Run a node in the foreground: supervisord with the broker and every service.
 
     Holds the data-directory lock (a second runner on the same directory refuses);
     SIGTERM stops every program and exits.
 
-    Example: ecluster node run -c cluster.toml --node n1
+    Example: ecluster node run -c cluster.toml --node n1 --keys /etc/ecluster/keys
     """
-    raise typer.Exit(run_role(config, node, "node"))
+    raise typer.Exit(run_role(config, node, "node", keys))
 
 
 def register(root: typer.Typer) -> None:

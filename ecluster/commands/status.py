@@ -5,7 +5,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ecluster.commands.common import ConfigOpt, JsonOpt, OptionalMemberOpt, die, load, print_json
+from ecluster.commands.common import ConfigOpt, JsonOpt, OptionalMemberOpt, die, load, print_json, remote_client
 from node.health import check_summary
 
 DEFAULT_TIMEOUT = 0.8
@@ -41,8 +41,8 @@ def status_report(cluster, answered_by: str, bus_status: dict, control_status: d
 
 def ask(cluster, name: str, timeout: float) -> dict[str, Any]:
     """Ask member ``name`` over tcp with the admin key; raises BusError if it does not answer."""
-    from bus.client import BusError, SyncClient
-    with SyncClient(cluster, remote=name) as c:
+    from bus.client import BusError
+    with remote_client(cluster, name) as c:
         bus_status = c.call(name, "bus", "status", timeout=timeout)
         try:
             ctl, err = c.call(name, "control", "status", timeout=timeout), None

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ecluster.commands.common import ConfigOpt, JsonOpt, die, first_answer, load, new_app, print_json
+from ecluster.commands.common import ConfigOpt, JsonOpt, die, first_answer, load, new_app, print_json, remote_client
 from ecluster.commands.node import app as node_app
 
 app = new_app("Durable VIPs: who owns each address, and moving them.")
@@ -22,13 +22,41 @@ def ask_cluster(cluster, service: str, method: str, timeout: float = TIMEOUT, **
                         lambda c, name: c.call(name, service, method, timeout=timeout, **args))
 
 
+COORDINATOR_WAIT = 5.0     # s to find the coordinator while it changes
+
+
+def ask_coordinator(cluster, method: str, timeout: float = TIMEOUT, **args) -> Any:
+    """Call ``election.<method>`` on the coordinator itself, with this CLI's identity.
+
+    Asked at another member, an operator's call would be forwarded under that member's
+    name (a member never speaks for its caller: bus.roles), so a member that is not the
+    coordinator answers ``not_coordinator`` and the coordinator is asked directly; while
+    the coordinator changes, this retries for up to COORDINATOR_WAIT seconds."""
+    import time
+
+    from bus.client import CallTimeout, RemoteError
+    deadline = time.monotonic() + COORDINATOR_WAIT
+    while True:
+        st = ask_cluster(cluster, "election", "status")
+        leader = st.get("member") if st.get("role") == "leader" else st.get("leader")
+        try:
+            if not leader:
+                raise RemoteError("no_coordinator", "no coordinator at the moment (no majority?)")
+            with remote_client(cluster, leader) as c:
+                return c.call(leader, "election", method, timeout=timeout, **args)
+        except (CallTimeout, RemoteError) as e:
+            retry = isinstance(e, CallTimeout) or e.code in ("not_coordinator", "no_coordinator", "unreachable")
+            if not retry or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
+
 def coordinator_status(cluster) -> dict:
     """The coordinator's election status (or the best member's view when there is none)."""
     st = ask_cluster(cluster, "election", "status")
     if st.get("role") != "leader" and st.get("leader"):
         try:
-            from bus.client import SyncClient
-            with SyncClient(cluster, remote=st["member"]) as c:
+            with remote_client(cluster, st["member"]) as c:
                 return c.call(st["leader"], "election", "status", timeout=TIMEOUT)
         except Exception:  # noqa: BLE001 - fall back to what the member knows
             return st
@@ -95,7 +123,7 @@ def vip_move(address: Annotated[str, typer.Argument(help="The VIP, e.g. 10.99.0.
     cluster = load(config)
     if node not in cluster.nodes:
         die(f"unknown node {node!r} (nodes: {', '.join(cluster.nodes)})")
-    r = ask_cluster(cluster, "election", "move", vip=address, node=node)
+    r = ask_coordinator(cluster, "move", vip=address, node=node)
     print_json(r) if json_ else typer.echo(f"{r['vip']} -> {r['node']} (term {r['term']})")
 
 
@@ -106,12 +134,12 @@ def vip_unpin(address: Annotated[str, typer.Argument(help="The VIP")], config: C
     Example: ecluster vip unpin 10.99.0.100 -c cluster.toml
     """
     cluster = load(config)
-    r = ask_cluster(cluster, "election", "unpin", vip=address)
+    r = ask_coordinator(cluster, "unpin", vip=address)
     typer.echo(f"{r['vip']} unpinned")
 
 
 def _set_drain(config, node: str, method: str) -> None:
-    r = ask_cluster(load(config), "election", method, node=node)
+    r = ask_coordinator(load(config), method, node=node)
     typer.echo(f"drained: {', '.join(r['drained']) or 'none'}")
 
 

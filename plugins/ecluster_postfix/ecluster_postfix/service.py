@@ -45,7 +45,8 @@ from bus.client import BusError, CallTimeout, RemoteError
 from ecluster.clusterfile import ClusterFileError
 from node.configrepo import search_order
 from node.fsutil import atomic_write
-from services.base import Service
+from services.base import Service, rpc
+from bus import roles as access
 from services.jlog import log_names
 
 from ecluster_postfix.maillog import (Rotation, TailState, audit_sender, connect_events, landed, split_lines)
@@ -711,6 +712,7 @@ class PostfixService(Service):
             delay = min(5.0, delay * 2)
 
     # -- RPC ---------------------------------------------------------------------------
+    @rpc(access.ANYONE)
     def rpc_status(self) -> dict:
         st = self.state
         return {"node": self.member.name, "refused": self.refused, "running": self._running() if self.settings else False,
@@ -721,6 +723,7 @@ class PostfixService(Service):
                 "applied_rev": self.last_applied_rev, "counters": self.counters,
                 "log": {"ino": st.ino, "offset": st.offset, "seq": st.seq, "pending": st.pending}}
 
+    @rpc(access.ANYONE)
     def rpc_metrics(self) -> list[dict]:
         c = self.counters
         labels = {"member": self.member.name}

@@ -63,7 +63,8 @@ from aiosmtpd.smtp import SMTP
 from bus.client import BusError, CallTimeout, RemoteError
 from ecluster.clusterfile import NAME_RE, ClusterFileError
 from node.vipcore import vip_key
-from services.base import Service, stale_after
+from services.base import Service, stale_after, rpc
+from bus import roles as access
 from services.jlog import log_names
 
 from ecluster_smtp.audit import AuditOutbox
@@ -521,6 +522,7 @@ class SmtpService(Service):
             self.log.error("cannot drop the staged %s: %s", msg_id, e)
 
     # -- RPC ----------------------------------------------------------------------------------
+    @rpc(access.ANYONE)
     def rpc_status(self) -> dict:
         """Listeners, VIPs held, counters, the spool."""
         return {"member": self.member.name, "port": self.settings.port, "hostname": self.settings.hostname,
@@ -529,6 +531,7 @@ class SmtpService(Service):
                 "spooled": self.spooled, "log": self.settings.log, "counters": dict(self.counters),
                 "pending_audit": self.audit.waiting(), "pending_records": len(self.pending_records)}
 
+    @rpc(access.ANYONE)
     def rpc_metrics(self) -> list[dict]:
         """Prometheus families for the metrics service (see services/metrics.py)."""
         c = self.counters
