@@ -29,7 +29,8 @@ its ``metrics()`` reply is a list of families in the plug-in form. Such a built-
 not running at all (``no_service``: not started by this member's supervisord) is left out
 of the scrape, ``ecluster_service_up`` included, rather than reported down.
 
-plus ``ecluster_member_info{cluster,member,role}``, ``ecluster_service_up{service}`` (1 when
+plus ``ecluster_rpc_forbidden_total{service}`` (calls refused by role: docs/SECURITY.md),
+``ecluster_member_info{cluster,member,role}``, ``ecluster_service_up{service}`` (1 when
 the service answered this scrape) and ``ecluster_scrape_duration_seconds``.
 
 A service that does not run on this member is not asked, and one that does not answer
@@ -305,6 +306,19 @@ def http_response(status: str, body: bytes, content_type: str = "text/plain; cha
     return header if head else header + body
 
 
+def forbidden_family(replies: dict[str, Any]) -> Family:
+    """``ecluster_rpc_forbidden_total{service}`` from each local service's ``ping`` (and the
+    broker's ``status`` counters, as service "bus"): calls refused by role. Pure."""
+    f = Family("ecluster_rpc_forbidden_total", "counter", "Calls refused because the caller's role may not make them")
+    for service, r in sorted(replies.items()):
+        if not isinstance(r, dict):
+            continue
+        n = r.get("forbidden") if service != "bus" else (r.get("counters") or {}).get("forbidden")
+        if _num(n):
+            f.add(n, service=service)
+    return f
+
+
 # -- the service -----------------------------------------------------------------------------
 
 def metrics_sources(names: list[str], load) -> tuple[list[str], set[str]]:
@@ -406,6 +420,7 @@ class MetricsService(Service):
         asked = [(s, m) for s, m in BUILTIN_SOURCES if s in self.local]
         asked += [(p, "metrics") for p in self.plugins]
         replies = await asyncio.gather(*(self._ask(s, m) for s, m in asked))
+        pings = await asyncio.gather(*(self._ask(s, "ping") for s in self.local), self._ask("bus", "status"))
         answers = {}
         for (service, _), reply in zip(asked, replies):
             if reply is NOT_RUNNING:
@@ -423,6 +438,7 @@ class MetricsService(Service):
         for service, reply in answers.items():
             up.add(reply is not None, service=service)
         fams.append(up)
+        fams.append(forbidden_family(dict(zip([*self.local, "bus"], pings))))
         for service, reply in answers.items():
             if reply is None:
                 continue

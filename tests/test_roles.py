@@ -327,3 +327,13 @@ def test_keys_rotate_with_a_bundle_per_host_keeps_calls_flowing(site, tmp_path):
     with SyncClient(old, remote="n1") as c:                # ... the old one is refused
         with pytest.raises((CallTimeout, BusError)):
             c.call("n1", "bus", "ping", timeout=1.5)
+
+
+def test_refusals_are_a_metrics_family():
+    from services.metrics import check_family, forbidden_family, render
+    f = check_family(forbidden_family({"control": {"forbidden": 3}, "jlog": None,
+                                       "bus": {"counters": {"forbidden": 2}}, "vip": {"forbidden": True}}))
+    text = render([f])
+    assert 'ecluster_rpc_forbidden_total{service="control"} 3' in text
+    assert 'ecluster_rpc_forbidden_total{service="bus"} 2' in text
+    assert "jlog" not in text and "vip" not in text
