@@ -18,6 +18,8 @@ Settings and why:
                   retransmission (timing.connect_timeout_ms)
   MAXMSGSIZE      frames above envelope.MAX_FRAME are refused by libzmq before Python sees them
   IMMEDIATE       broker-to-broker DEALERs queue only on live connections
+  IPV6            on every socket: a member address may be IPv6 (tcp://[fd00::11]:7400);
+                  libzmq refuses those otherwise, and IPv4 endpoints work as before
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ def _common(sock: zmq.Socket, linger_ms: int) -> zmq.Socket:
     sock.setsockopt(zmq.SNDHWM, HWM)
     sock.setsockopt(zmq.RCVHWM, HWM)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+    sock.setsockopt(zmq.IPV6, 1)
     return sock
 
 

@@ -209,6 +209,10 @@ SECTIONS: dict[str, dict[str, tuple[type | tuple, Any]]] = {
     "cidr_server": {
         "retention_days": (int, 30),
     },
+    # who may do what beyond the fixed roles (docs/SECURITY.md)
+    "security": {
+        "nodes_may_commit": (bool, False),   # a node's key may propose configuration commits
+    },
     "jlog": {
         "fsync": (str, "batch"),
         "budget_mb": ((int, float), 1024),
@@ -287,15 +291,28 @@ def _resolve(base: Path, p: str) -> Path:
     return q if q.is_absolute() else (base / q).resolve()
 
 
+def _member_address_problem(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why peers could not reach a bus listening on ``ip`` (None when they can). Pure."""
+    if ip.is_multicast or ip.is_unspecified:
+        return "a member needs a unicast address its peers can connect to"
+    if ip.version == 6 and (ip.is_link_local or ip.scope_id):
+        return "an IPv6 link-local address needs a zone on every peer: use a global or ULA address"
+    return None
+
+
 def _member(path: Path, base: Path, role: str, name: str, table: Any) -> Member:
     where = f"{'nodes' if role == 'node' else 'managers'}.{name}"
     if not NAME_RE.match(name):
         raise ClusterFileError(f"{path}: member name '{name}' must match {NAME_RE.pattern}")
     t = _check_table(where, path, table, _NODE_KEYS if role == "node" else _MANAGER_KEYS)
     try:
-        ipaddress.ip_address(t["address"])
+        bus_ip = ipaddress.ip_address(t["address"])
     except ValueError:
         raise ClusterFileError(f"{path}: '{where}.address' is not an IP address: {t['address']!r}") from None
+    problem = _member_address_problem(bus_ip)
+    if problem:
+        raise ClusterFileError(f"{path}: '{where}.address' {t['address']!r}: {problem}")
+    t["address"] = str(bus_ip)     # canonical (IPv6 compressed), so a duplicate endpoint is seen
     for k in ("bus_port", "pub_port", "metrics_port") + (("console_port",) if role == "manager" else ()):
         _check_port(path, f"{where}.{k}", t[k])
     data_dir = t["data_dir"] or f"/var/lib/ecluster/{name}"
@@ -400,21 +417,41 @@ def parse_cluster(text: str, path: Path) -> Cluster:
 
 
 def _vip(path: Path, i: int, table: Any, nodes: dict[str, Member]) -> Vip:
+    # the vip service's own parser (IPv4 or IPv6): whatever passes here it can plumb, so a
+    # VIP it cannot handle fails the load, naming the key, instead of crash-looping a service
+    from node.vipcore import VipError, interface_problem, parse_vip_address, subnet_address_problem, vip_key
     where = f"vip[{i}]"
     t = _check_table(where, path, table, _VIP_KEYS)
-    try:
-        iface = ipaddress.ip_interface(t["address"])
-    except ValueError:
-        raise ClusterFileError(f"{path}: '{where}.address' is not an address/prefix: {t['address']!r}") from None
     if "/" not in t["address"]:
-        raise ClusterFileError(f"{path}: '{where}.address' needs a prefix length, e.g. {t['address']}/24")
+        example = "64" if ":" in t["address"] else "24"
+        raise ClusterFileError(f"{path}: '{where}.address' needs a prefix length, e.g. {t['address']}/{example}")
+    try:
+        ip, prefixlen = parse_vip_address(t["address"])
+    except VipError as e:
+        raise ClusterFileError(f"{path}: '{where}.address': {_vip_reason(e)}") from None
+    problem = subnet_address_problem(ip, prefixlen)
+    if problem:
+        raise ClusterFileError(f"{path}: '{where}.address': {t['address']!r} {problem}")
+    problem = interface_problem(t["interface"])
+    if problem:
+        raise ClusterFileError(f"{path}: '{where}.interface': {problem}")
     if t["kind"] not in ("injection", "outbound"):
         raise ClusterFileError(f"{path}: '{where}.kind' must be 'injection' or 'outbound', got {t['kind']!r}")
     if t["preference"] is not None and t["preference"] not in nodes:
         raise ClusterFileError(f"{path}: '{where}.preference' names unknown node {t['preference']!r}")
-    follow = t["follow"].split("/")[0] if t["follow"] else None
-    return Vip(address=f"{iface.ip}/{iface.network.prefixlen}", interface=t["interface"],
+    follow = None
+    if t["follow"]:
+        try:
+            follow = vip_key(t["follow"])       # canonical, so "fd00:0::100" finds "fd00::100"
+        except VipError as e:
+            raise ClusterFileError(f"{path}: '{where}.follow': {_vip_reason(e)}") from None
+    return Vip(address=f"{ip}/{prefixlen}", interface=t["interface"],
                preference=t["preference"], kind=t["kind"], follow=follow)
+
+
+def _vip_reason(e: Exception) -> str:
+    """A VipError's message without its "bad VIP address" lead (the key is named instead)."""
+    return str(e).removeprefix("bad VIP address ")
 
 
 def _check_vip_graph(path: Path, vips: list[Vip]) -> None:

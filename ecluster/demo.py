@@ -187,7 +187,8 @@ def make_plan(mode: str, workdir: Path, subnet: str = "10.77.0", mta: str = "smt
 def cluster_text(plan: Plan) -> str:
     """The demo's cluster file. Pure."""
     lines = ["# written by `ecluster demo`: removed when the demo stops", "[cluster]", 'name = "demo"',
-             'keys = "keys"', 'preset = "lan"', f"vip_dry_run = {'true' if plan.mode == LOOPBACK else 'false'}", ""]
+             'keys = "keys"', 'preset = "lan"', f"vip_dry_run = {'true' if plan.mode == LOOPBACK else 'false'}", "",
+             "[security]", "nodes_may_commit = true   # the demo commits through n1; off by default", ""]
     for m, addr in plan.addresses.items():
         table = "managers" if plan.role(m) == "manager" else "nodes"
         lines += [f"[{table}.{m}]", f'address = "{addr}"', f'data_dir = "{m}"']

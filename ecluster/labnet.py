@@ -5,8 +5,15 @@ richer ``Lab`` (partitions, flaps, samplers, tracked processes) on top of it, so
 the marker files, the build and the clean-up exist once, here, in the installed package::
 
     <prefix>hub : bridge br0, one veth port per endpoint (vm1, vm2, ..., vc)
-    <prefix>m1  : eth0 = <subnet>.11/24      (member 1) ...
-    <prefix>c   : eth0 = <subnet>.2/24       (client)
+    <prefix>m1  : eth0 = <subnet>.11/24      (member 1) ...   [+ <prefix6>11/64]
+    <prefix>c   : eth0 = <subnet>.2/24       (client)         [+ <prefix6>2/64]
+
+With ``ipv6="fd00:99::"`` (a ULA /64) every endpoint also gets ``<prefix6><host>/64`` (the
+host number read as hex digits, so member 1 is ``fd00:99::11``). Those lab interfaces skip
+duplicate address detection (``accept_dad = 0``, addresses added with IFA_F_NODAD) so their
+addresses are usable at once, keep their IPv6 addresses over a link down/up
+(``keep_addr_on_down = 1``, as IPv4 always does), and the bridge floods multicast (no MLD
+snooping: the lab has no querier), so neighbour discovery reaches every port.
 
 Names are ``ecl<pid % 10000><3 random chars>-`` so that two labs never collide with each
 other nor with keepalived's ``lab-*`` namespaces. A marker file
@@ -69,6 +76,28 @@ def validate_subnet(subnet: str) -> str:
     if len(parts) != 3 or not all(p.isdigit() and 0 <= int(p) <= 255 for p in parts):
         raise LabNetError(f"subnet must be three octets like '10.99.0', got {subnet!r}")
     return ".".join(str(int(p)) for p in parts)
+
+
+def validate_prefix6(prefix6: str) -> str:
+    """``prefix6`` ("fd00:99::" or "fd00:99::/64": a /64 inside fc00::/7, the unique local
+    range, so a lab never shadows a real network), as "<network>::"-style text; LabNetError
+    if bad. Pure."""
+    import ipaddress
+    text = prefix6.strip() if isinstance(prefix6, str) else ""
+    try:
+        net = ipaddress.IPv6Network(text if "/" in text else f"{text}/64")
+    except ValueError:
+        raise LabNetError(f"ipv6 prefix must be a /64 like 'fd00:99::', got {prefix6!r}") from None
+    if net.prefixlen != 64 or not net.subnet_of(ipaddress.IPv6Network("fc00::/7")):
+        raise LabNetError(f"ipv6 prefix must be a unique-local /64 (inside fc00::/7), got {prefix6!r}")
+    return str(net.network_address)
+
+
+def host6(prefix6: str, host: int) -> str:
+    """The lab's IPv6 address of ``host`` in ``prefix6``: the host number's decimal digits
+    read as hex, so .11 becomes ::11. Pure."""
+    import ipaddress
+    return str(ipaddress.IPv6Address(int(ipaddress.IPv6Address(prefix6)) + int(str(host), 16)))
 
 
 def validate_n_members(n_members) -> int:
@@ -217,10 +246,62 @@ def claim_prefix(prefix: str) -> tuple[str, Path]:
     raise LabNetError("could not find a free lab prefix")
 
 
-def build_topology(hub_ns: str, endpoints: Sequence[tuple[str, str, str]], created: list[str]) -> None:
+IFA_F_NODAD = 0x02
+IFA_F_TENTATIVE = 0x40
+DAD_WAIT_S = 10.0
+
+
+def write_sysctl(ns: str, path: str, value: str) -> None:
+    """Write ``/proc/sys/<path>`` as seen from namespace ``ns`` (net sysctls are per namespace:
+    the file is opened by a thread that joined it)."""
+    def write() -> None:
+        with open(f"/proc/sys/{path}", "w") as f:
+            f.write(value)
+    sockets = NsSockets(ns)
+    try:
+        sockets.run(write)
+    finally:
+        sockets.close()
+
+
+def _ipv6_ready_sysctls(ns: str, scope: str) -> None:
+    """Usable-at-once IPv6 for interface ``scope`` (or "default": interfaces made later)."""
+    for name, value in (("accept_dad", "0"), ("keep_addr_on_down", "1")):
+        write_sysctl(ns, f"net/ipv6/conf/{scope}/{name}", value)
+
+
+def tentative_addresses(ipr, index: int) -> list[str]:
+    """IPv6 addresses of the interface still in duplicate address detection."""
+    out = []
+    for msg in ipr.get_addr(index=index, family=socket.AF_INET6):
+        flags = msg.get_attr("IFA_FLAGS")
+        flags = msg["flags"] if flags is None else flags
+        if msg.get("index") == index and flags & IFA_F_TENTATIVE:
+            out.append(msg.get_attr("IFA_ADDRESS"))
+    return out
+
+
+def wait_ipv6_usable(ns: str, timeout: float = DAD_WAIT_S) -> None:
+    """Poll until no IPv6 address on eth0 in ``ns`` is tentative; LabNetError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    with open_ns(ns) as ipr:
+        eth0 = link_index(ipr, IFACE)
+        while True:
+            left = tentative_addresses(ipr, eth0)
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                raise LabNetError(f"{ns}: IPv6 addresses still tentative after {timeout:.0f} s: {left}")
+            time.sleep(0.01)
+
+
+def build_topology(hub_ns: str, endpoints: Sequence[tuple[str, str, str]], created: list[str],
+                   addresses6: dict[str, str] | None = None) -> None:
     """Create ``hub_ns`` with a bridge and, for each (port, namespace, address), the namespace
     with eth0 = address/24 on a veth whose peer is a bridge port; everything up.
 
+    ``addresses6`` ({namespace: IPv6 address}) adds those as /64 without DAD, and makes the
+    lab's IPv6 usable at once (see the module docstring); None leaves IPv6 as the kernel has it.
     Each namespace name is appended to ``created`` as soon as it exists (so a failure half-way
     leaves a list of what to remove).
     """
@@ -228,8 +309,13 @@ def build_topology(hub_ns: str, endpoints: Sequence[tuple[str, str, str]], creat
     for name in [hub_ns, *(ns for _, ns, _ in endpoints)]:
         netns.create(name)
         created.append(name)
+        if addresses6 is not None:
+            _ipv6_ready_sysctls(name, "default")     # before the veths exist: they inherit it
     with open_ns(hub_ns) as hub:
-        hub.link("add", ifname=BRIDGE, kind="bridge")
+        if addresses6 is not None:
+            hub.link("add", ifname=BRIDGE, kind="bridge", br_mcast_snooping=0)
+        else:
+            hub.link("add", ifname=BRIDGE, kind="bridge")
         bridge = link_index(hub, BRIDGE)
         hub.link("set", index=bridge, state="up")
         hub.link("set", index=link_index(hub, "lo"), state="up")
@@ -238,11 +324,18 @@ def build_topology(hub_ns: str, endpoints: Sequence[tuple[str, str, str]], creat
             hub.link("add", ifname=port, kind="veth", peer={"ifname": IFACE, "net_ns_fd": ns})
             hub.link("set", index=link_index(hub, port), master=bridge, state="up")
     for _, ns, addr in endpoints:
+        if addresses6 is not None:
+            _ipv6_ready_sysctls(ns, IFACE)
         with open_ns(ns) as ipr:
             eth0 = link_index(ipr, IFACE)
             ipr.addr("add", index=eth0, address=addr, prefixlen=24)
+            if addresses6 is not None and ns in addresses6:
+                ipr.addr("add", index=eth0, address=addresses6[ns], prefixlen=64, flags=IFA_F_NODAD)
             ipr.link("set", index=eth0, state="up")
             ipr.link("set", index=link_index(ipr, "lo"), state="up")
+    if addresses6 is not None:
+        for _, ns, _ in endpoints:
+            wait_ipv6_usable(ns)
 
 
 class NsSockets:
@@ -287,9 +380,10 @@ class LabNet:
     (marker file) by :meth:`up`, which may pick another one if it is taken.
     """
 
-    def __init__(self, n_members: int, subnet: str = "10.77.0"):
+    def __init__(self, n_members: int, subnet: str = "10.77.0", ipv6: str | None = None):
         self.n_members = validate_n_members(n_members)
         self.subnet = validate_subnet(subnet)
+        self.prefix6 = None if ipv6 is None else validate_prefix6(ipv6)
         self.prefix = random_prefix(os.getpid())
         self.marker: Path | None = None
         self.created: list[str] = []
@@ -323,6 +417,21 @@ class LabNet:
         """The client's eth0 address (<subnet>.2)."""
         return self.address(CLIENT_HOST)
 
+    def address6(self, host: int) -> str:
+        """The IPv6 address <prefix6><host> (host digits as hex); LabNetError without IPv6."""
+        if self.prefix6 is None:
+            raise LabNetError("this lab has no IPv6 (LabNet(..., ipv6='fd00:..::'))")
+        return host6(self.prefix6, host)
+
+    def member_address6(self, i: int) -> str:
+        """Member ``i``'s eth0 IPv6 address: <prefix6>11, 12, ..."""
+        return self.address6(FIRST_MEMBER_HOST - 1 + i)
+
+    @property
+    def client_address6(self) -> str:
+        """The client's eth0 IPv6 address (<prefix6>2)."""
+        return self.address6(CLIENT_HOST)
+
     @property
     def namespaces(self) -> list[str]:
         """Every namespace name of this lab (hub, members, client)."""
@@ -339,16 +448,21 @@ class LabNet:
             endpoints = [(f"vm{i}", self.member_ns(i), self.member_address(i))
                          for i in range(1, self.n_members + 1)]
             endpoints.append(("vc", self.client_ns, self.client_address))
-            build_topology(self.hub_ns, endpoints, self.created)
+            addresses6 = None
+            if self.prefix6 is not None:
+                addresses6 = {self.member_ns(i): self.member_address6(i) for i in range(1, self.n_members + 1)}
+                addresses6[self.client_ns] = self.client_address6
+            build_topology(self.hub_ns, endpoints, self.created, addresses6)
         except BaseException:
             self.down()
             raise
         return self
 
     def add_address(self, ns: str, address: str, prefixlen: int = 24) -> None:
-        """Add ``address`` to eth0 in ``ns`` (e.g. more client source addresses)."""
+        """Add ``address`` to eth0 in ``ns`` (e.g. more client source addresses); IPv6 without DAD."""
+        extra = {"flags": IFA_F_NODAD} if ":" in address else {}
         with open_ns(ns) as ipr:
-            ipr.addr("add", index=link_index(ipr, IFACE), address=address, prefixlen=prefixlen)
+            ipr.addr("add", index=link_index(ipr, IFACE), address=address, prefixlen=prefixlen, **extra)
 
     def popen(self, ns: str, argv: Sequence[str], **kw) -> subprocess.Popen:
         """Start ``argv`` inside ``ns`` in a new session (killed by :meth:`down`)."""

@@ -23,11 +23,32 @@ every removal it also checks that every other address is still there.
 Labels (``eth0:ecl``) are not used: the caller's list of managed addresses is authoritative,
 and a label would not fit long interface names (15 bytes for name plus label).
 
-Gratuitous ARP (:func:`send_garp`)
-----------------------------------
-Frames are built here (:func:`build_garp_frames`) with the interface's MAC read over netlink and
-sent through an AF_PACKET socket: per round one ARP request and one ARP reply, both with sender
-and target protocol address = the VIP (RFC 5944 section 4.6), to the broadcast MAC.
+IPv6 addresses are plumbed the same way (``replace``, the same valid lifetime, exactly the
+given prefix removed), with IFA_F_NODAD: no duplicate address detection, so the address is
+usable at once instead of tentative for a second or more; and deprecated (preferred_lft 0),
+so that it serves clients and can be bound (an outbound VIP), but the kernel never chooses it
+as the source of the node's own connections: within one /64 Linux may prefer the newest
+address, and a bus connection sourced from a VIP breaks as soon as the VIP moves. The quorum lease is what keeps a VIP
+unique, and the vip service probes the wire itself before a takeover (below). IPv6 has no
+secondaries, so the promote_secondaries dance is IPv4's only.
+
+Gratuitous ARP and unsolicited NA (:func:`send_garp`)
+-----------------------------------------------------
+Frames are built here (:func:`build_announcement_frames`) with the interface's MAC read over
+netlink and sent through an AF_PACKET socket. IPv4: per round one ARP request and one ARP
+reply, both with sender and target protocol address = the VIP (RFC 5944 section 4.6), to the
+broadcast MAC. IPv6: per round one unsolicited Neighbour Advertisement (RFC 4861 section 7.2.6):
+ICMPv6 type 136 from the VIP to ff02::1, hop limit 255, override flag set, target = the VIP,
+target link-layer address option = our MAC; a neighbour that has an entry for the VIP points
+it at us.
+
+Probes before a takeover (:func:`build_probe`, :func:`probe_answer`). IPv4: an RFC 5227 ARP
+probe (sender IP 0.0.0.0). IPv6: a duplicate-address-detection Neighbour Solicitation (RFC 4862
+section 5.4.2: from ::, to the VIP's solicited-node multicast address, no source link-layer
+option); a host that has the address configured answers with an NA to ff02::1. Neither
+changes any neighbour cache. Packets are built and parsed by pure functions; the parsers
+return None for anything malformed (what arrives from the wire must never raise), and the
+ICMPv6 checksum is computed here, since an AF_PACKET socket sends the bytes as they are.
 
 Threads and namespaces. pyroute2's synchronous API runs its own asyncio loop, so it cannot be
 used from a thread whose asyncio loop is running; a Plumber therefore does all netlink work on
@@ -62,8 +83,18 @@ __all__ = [
     "NetlinkError",
     "Plumber",
     "ArpFrame",
+    "NdFrame",
     "build_garp_frames",
+    "build_arp_probe",
+    "build_unsolicited_na",
+    "build_ns_probe",
+    "build_announcement_frames",
+    "build_probe",
     "parse_arp_frame",
+    "parse_nd_frame",
+    "probe_answer",
+    "icmpv6_checksum",
+    "solicited_node",
     "send_garp",
     "run_in_netns",
     "NETNS_RUN_DIR",
@@ -73,6 +104,17 @@ NETNS_RUN_DIR = "/var/run/netns"
 
 ETH_P_ARP = 0x0806
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+IPPROTO_ICMPV6 = 58
+ND_NEIGHBOR_SOLICIT = 135
+ND_NEIGHBOR_ADVERT = 136
+ND_OPT_SOURCE_LINKADDR = 1
+ND_OPT_TARGET_LINKADDR = 2
+ND_HOP_LIMIT = 255              # RFC 4861: anything else was forwarded, and is dropped
+NA_FLAG_ROUTER = 0x80000000
+NA_FLAG_SOLICITED = 0x40000000
+NA_FLAG_OVERRIDE = 0x20000000
+IFA_F_NODAD = 0x02
 ARPHRD_ETHER = 1
 ARPOP_REQUEST = 1
 ARPOP_REPLY = 2
@@ -80,7 +122,12 @@ IFF_UP = 0x1
 IFA_F_SECONDARY = 0x01
 _CLONE_NEWNET = 0x40000000
 _BROADCAST_MAC = b"\xff" * 6
+_ALL_NODES = ipaddress.IPv6Address("ff02::1").packed
+_ALL_NODES_MAC = b"\x33\x33\x00\x00\x00\x01"    # RFC 2464: 33:33 + the group's last 32 bits
+_ETH_HLEN = 14
+_IPV6_HLEN = 40
 _ETH_MIN_FRAME = 60  # without FCS; short frames are padded with zeros
+_INFINITY_LIFE = 0xFFFFFFFF  # netlink's "forever"
 _ABSENT_ERRNOS = (errno.ENOENT, errno.EADDRNOTAVAIL, errno.ENODEV, errno.ESRCH)
 
 T = TypeVar("T")
@@ -168,6 +215,10 @@ def _sysctl_path(ifname: str, name: str) -> str:
     return f"/proc/sys/net/ipv4/conf/{ifname}/{name}"
 
 
+def _family(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
 # --------------------------------------------------------------------------- plumbing
 
 
@@ -178,8 +229,8 @@ class _Addr:
     secondary: bool
 
     @property
-    def network(self) -> ipaddress.IPv4Network:
-        return ipaddress.IPv4Network(f"{self.ip}/{self.prefixlen}", strict=False)
+    def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        return ipaddress.ip_network(f"{self.ip}/{self.prefixlen}", strict=False)
 
 
 def _parse(address: str, ifname: str | None, *, require_prefix: bool = True) -> tuple[str, int]:
@@ -262,15 +313,19 @@ class Plumber:
         found = self._rtnl().link_lookup(ifname=ifname)
         return found[0] if found else None
 
-    def _dump(self, index: int) -> list[_Addr]:
+    def _dump(self, index: int, family: int = socket.AF_INET) -> list[_Addr]:
+        """The interface's addresses of one family (IPv6 text canonical, as vip_key gives it)."""
         result = []
-        for msg in self._rtnl().get_addr(index=index, family=socket.AF_INET):
-            if msg.get("index") != index:  # old pyroute2 versions filter loosely
+        for msg in self._rtnl().get_addr(index=index, family=family):
+            if msg.get("index") != index or msg.get("family") != family:  # old pyroute2 filters loosely
                 continue
             ip = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if family == socket.AF_INET6:
+                ip = str(ipaddress.IPv6Address(ip))
             flags = msg.get_attr("IFA_FLAGS")
             flags = msg["flags"] if flags is None else flags
-            result.append(_Addr(ip, msg["prefixlen"], bool(flags & IFA_F_SECONDARY)))
+            # IFA_F_SECONDARY shares its bit with IFA_F_TEMPORARY: it means "secondary" for IPv4 only
+            result.append(_Addr(ip, msg["prefixlen"], family == socket.AF_INET and bool(flags & IFA_F_SECONDARY)))
         return result
 
     def _promote_enabled(self, ifname: str) -> bool:
@@ -309,31 +364,45 @@ class Plumber:
     # -- public API
 
     def add(self, address_with_prefix: str, ifname: str | None = None, lifetime: int | None = None) -> bool:
-        """Plumb ``a.b.c.d/p`` on the interface; idempotent. True when it was not there before.
+        """Plumb ``a.b.c.d/p`` (or IPv6 ``addr/p``, without DAD) on the interface; idempotent.
+        True when it was not there before.
 
         ``lifetime`` (whole seconds) makes the kernel itself delete the address that long after
         the last ``add`` unless it is added again: a last line of fencing for when every
         process of ours is dead and nobody is left to unplumb. None: forever.
 
-        Also switches ``promote_secondaries`` on for the interface (see the module docstring);
+        IPv4 only: also switches ``promote_secondaries`` on for the interface (module docstring);
         when that is impossible the address is still added and a later :meth:`remove` refuses
         to delete it while it is the primary of other addresses.
         """
         name = self._ifname(ifname, address_with_prefix)
         ip, prefixlen = _parse(address_with_prefix, name)
 
+        family = _family(ip)
+
         def work() -> bool:
             index = self._index(name)
             if index is None:
                 raise NetlinkError(f"cannot add {address_with_prefix} on {name}: no such interface")
-            before = any(a.ip == ip and a.prefixlen == prefixlen for a in self._dump(index))
-            self._ensure_promote(name)
-            extra = {}
-            if prefixlen <= 30:  # like `ip addr add ... brd +`
+            before = any(a.ip == ip and a.prefixlen == prefixlen for a in self._dump(index, family))
+            extra: dict = {}
+            if family == socket.AF_INET6:
+                # usable at once: DAD would leave it tentative (unusable) for a second or more,
+                # and on a clash the kernel would disable it silently; we probe ourselves first
+                extra["flags"] = IFA_F_NODAD
+            else:
+                self._ensure_promote(name)
+            if family == socket.AF_INET and prefixlen <= 30:  # like `ip addr add ... brd +`
                 net = ipaddress.IPv4Network(f"{ip}/{prefixlen}", strict=False)
                 extra["broadcast"] = str(net.broadcast_address)
-            if lifetime is not None:
-                extra["IFA_CACHEINFO"] = {"ifa_preferred": int(lifetime), "ifa_valid": int(lifetime),
+            valid = _INFINITY_LIFE if lifetime is None else int(lifetime)
+            if family == socket.AF_INET6:
+                # preferred_lft 0 (deprecated): still answered and bindable, but never picked by
+                # source address selection for this node's own connections (which would break
+                # when the VIP moves on; in the node's own /64 the kernel may pick it otherwise)
+                extra["IFA_CACHEINFO"] = {"ifa_preferred": 0, "ifa_valid": valid, "cstamp": 0, "tstamp": 0}
+            elif lifetime is not None:
+                extra["IFA_CACHEINFO"] = {"ifa_preferred": valid, "ifa_valid": valid,
                                           "cstamp": 0, "tstamp": 0}
             self._rtnl().addr("replace", index=index, address=ip, prefixlen=prefixlen, **extra)
             return not before
@@ -352,11 +421,13 @@ class Plumber:
         name = self._ifname(ifname, address_with_prefix)
         ip, prefixlen = _parse(address_with_prefix, name)
 
+        family = _family(ip)
+
         def work() -> bool:
             index = self._index(name)
             if index is None:
                 return False
-            before = self._dump(index)
+            before = self._dump(index, family)
             target = next((a for a in before if a.ip == ip and a.prefixlen == prefixlen), None)
             if target is None:
                 return False
@@ -374,7 +445,7 @@ class Plumber:
                 if exc.code in _ABSENT_ERRNOS:
                     return False  # went away between the dump and the delete
                 raise
-            after = {(a.ip, a.prefixlen) for a in self._dump(index)}
+            after = {(a.ip, a.prefixlen) for a in self._dump(index, family)}
             lost = [f"{a.ip}/{a.prefixlen}" for a in others if (a.ip, a.prefixlen) not in after]
             if lost:
                 raise NetlinkError(f"removing {address_with_prefix} from {name} also removed "
@@ -397,7 +468,7 @@ class Plumber:
             if index is None:
                 return False
             return any(a.ip == ip and (not exact or a.prefixlen == prefixlen)
-                       for a in self._dump(index))
+                       for a in self._dump(index, _family(ip)))
 
         try:
             return self._run(work)
@@ -407,20 +478,21 @@ class Plumber:
     def managed_present(self, managed: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
         """Which ``(address_with_prefix, ifname)`` pairs are plumbed now (exact prefix), in order.
 
-        One dump per interface; a missing interface holds nothing.
+        One dump per interface and address family; a missing interface holds nothing.
         """
         wanted = [(address, ifname, self._ifname(ifname, address)) for address, ifname in managed]
         keys = [_parse(address, name) for address, _, name in wanted]
 
         def work() -> list[tuple[str, str]]:
-            seen: dict[str, set[tuple[str, int]]] = {}
+            seen: dict[tuple[str, int], set[tuple[str, int]]] = {}
             present = []
             for (address, ifname, name), key in zip(wanted, keys):
-                if name not in seen:
+                where = (name, _family(key[0]))
+                if where not in seen:
                     index = self._index(name)
-                    seen[name] = set() if index is None else {
-                        (a.ip, a.prefixlen) for a in self._dump(index)}
-                if key in seen[name]:
+                    seen[where] = set() if index is None else {
+                        (a.ip, a.prefixlen) for a in self._dump(index, where[1])}
+                if key in seen[where]:
                     present.append((address, ifname))
             return present
 
@@ -429,13 +501,14 @@ class Plumber:
         except (OSError, _PyrouteNetlinkError) as exc:
             raise self._fail("inspect", "managed addresses", "their interfaces", exc) from None
 
-    def addresses(self, ifname: str | None = None) -> list[str]:
-        """Every IPv4 address on the interface as ``a.b.c.d/p`` (kernel order); [] when absent."""
+    def addresses(self, ifname: str | None = None, family: int = socket.AF_INET) -> list[str]:
+        """Every address of ``family`` (IPv4 by default; AF_INET6 includes the kernel's own
+        link-local) on the interface as ``address/p``, in kernel order; [] when absent."""
         name = self._ifname(ifname, "addresses")
 
         def work() -> list[str]:
             index = self._index(name)
-            return [] if index is None else [f"{a.ip}/{a.prefixlen}" for a in self._dump(index)]
+            return [] if index is None else [f"{a.ip}/{a.prefixlen}" for a in self._dump(index, family)]
 
         try:
             return self._run(work)
@@ -510,7 +583,7 @@ def build_garp_frames(mac: str, ip: str) -> list[bytes]:
     target hardware address (RFC 5944 section 4.6). Padded to the 60-byte Ethernet minimum.
     """
     sha = _mac_bytes(mac)
-    spa = socket.inet_aton(_parse(ip, None, require_prefix=False)[0])
+    spa = _ipv4_bytes(ip)
     frames = []
     for op, tha in ((ARPOP_REQUEST, b"\x00" * 6), (ARPOP_REPLY, sha)):
         frame = (_BROADCAST_MAC + sha + struct.pack("!H", ETH_P_ARP)
@@ -527,7 +600,7 @@ def build_arp_probe(mac: str, ip: str) -> bytes:
     detection), and the probe itself changes no ARP cache anywhere.
     """
     sha = _mac_bytes(mac)
-    tpa = socket.inet_aton(_parse(ip, None, require_prefix=False)[0])
+    tpa = _ipv4_bytes(ip)
     frame = (_BROADCAST_MAC + sha + struct.pack("!H", ETH_P_ARP)
              + struct.pack("!HHBBH", ARPHRD_ETHER, ETH_P_IP, 6, 4, ARPOP_REQUEST)
              + sha + b"\x00" * 4 + b"\x00" * 6 + tpa)
@@ -535,9 +608,24 @@ def build_arp_probe(mac: str, ip: str) -> bytes:
 
 
 def probe_answer(frame: bytes, ip: str, own_mac: str) -> str | None:
-    """The MAC of another host claiming ``ip`` in ``frame`` (an ARP reply or announcement), else None. Pure."""
+    """The MAC of another host claiming ``ip`` in ``frame``, else None. Pure; never raises.
+
+    IPv4: an ARP reply or announcement with sender IP ``ip``. IPv6: a Neighbour Advertisement
+    for target ``ip`` (hop limit 255), its MAC from the target link-layer option, else the
+    Ethernet source. Our own frames (``own_mac``) and questions (probes) never count.
+    """
+    try:
+        key, _ = _parse(ip, None, require_prefix=False)
+    except NetlinkError:
+        return None
+    if _family(key) == socket.AF_INET6:
+        nd = parse_nd_frame(frame)
+        if nd is None or nd.type != ND_NEIGHBOR_ADVERT or nd.hop_limit != ND_HOP_LIMIT or nd.target != key:
+            return None
+        mac = nd.lladdr or nd.src_mac
+        return None if mac == own_mac else mac
     arp = parse_arp_frame(frame)
-    if arp is None or arp.sender_ip != ip or arp.sender_mac == own_mac:
+    if arp is None or arp.sender_ip != key or arp.sender_mac == own_mac:
         return None
     return arp.sender_mac
 
@@ -556,20 +644,177 @@ def parse_arp_frame(frame: bytes) -> ArpFrame | None:
         target_mac=_mac_text(body[10:16]), target_ip=socket.inet_ntoa(body[16:20]))
 
 
+# --------------------------------------------------------------------------- IPv6 neighbour discovery
+
+
+@dataclass(frozen=True)
+class NdFrame:
+    """A decoded Ethernet frame carrying an ICMPv6 Neighbour Solicitation or Advertisement.
+
+    Addresses as canonical text; ``lladdr`` is the source (NS) or target (NA) link-layer
+    address option, None when absent; ``flags`` the NA's R/S/O bits (0 for an NS).
+    """
+
+    dst_mac: str
+    src_mac: str
+    src_ip: str
+    dst_ip: str
+    hop_limit: int
+    type: int
+    flags: int
+    target: str
+    lladdr: str | None
+
+    @property
+    def override(self) -> bool:
+        return bool(self.flags & NA_FLAG_OVERRIDE)
+
+    @property
+    def solicited(self) -> bool:
+        return bool(self.flags & NA_FLAG_SOLICITED)
+
+
+def _ipv6_bytes(ip: str) -> bytes:
+    try:
+        return ipaddress.IPv6Address(_parse(ip, None, require_prefix=False)[0]).packed
+    except ValueError:
+        raise NetlinkError(f"not an IPv6 address: {ip!r}") from None
+
+
+def _ipv4_bytes(ip: str) -> bytes:
+    try:
+        return ipaddress.IPv4Address(_parse(ip, None, require_prefix=False)[0]).packed
+    except ValueError:
+        raise NetlinkError(f"not an IPv4 address: {ip!r}") from None
+
+
+def icmpv6_checksum(src: bytes, dst: bytes, message: bytes) -> int:
+    """The ICMPv6 checksum of ``message`` (its checksum field zero) between ``src`` and ``dst``
+    (16 bytes each): RFC 4443 section 2.3, over the RFC 8200 pseudo-header. Pure."""
+    data = src + dst + struct.pack("!I3xB", len(message), IPPROTO_ICMPV6) + message
+    if len(data) % 2:
+        data += b"\x00"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def solicited_node(ip: bytes) -> bytes:
+    """The solicited-node multicast group of an IPv6 address (ff02::1:ffXX:XXXX). Pure."""
+    return bytes.fromhex("ff0200000000000000000001ff") + ip[13:]
+
+
+def _icmpv6_frame(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, body_without_sum: bytes) -> bytes:
+    """Ethernet + IPv6 (hop limit 255) + ICMPv6 ``body`` (type, code, 2 zero bytes, rest)."""
+    checksum = icmpv6_checksum(src, dst, body_without_sum)
+    body = body_without_sum[:2] + struct.pack("!H", checksum) + body_without_sum[4:]
+    ipv6 = struct.pack("!IHBB", 6 << 28, len(body), IPPROTO_ICMPV6, ND_HOP_LIMIT) + src + dst
+    return dst_mac + src_mac + struct.pack("!H", ETH_P_IPV6) + ipv6 + body
+
+
+def build_unsolicited_na(mac: str, ip: str) -> bytes:
+    """An unsolicited Neighbour Advertisement of ``ip`` at ``mac`` (RFC 4861 section 7.2.6).
+
+    From ``ip`` to ff02::1 (all nodes), hop limit 255; flags: override set, solicited and
+    router clear; target = ``ip``; one target link-layer address option = ``mac``.
+    """
+    own = _mac_bytes(mac)
+    target = _ipv6_bytes(ip)
+    body = (struct.pack("!BBHI", ND_NEIGHBOR_ADVERT, 0, 0, NA_FLAG_OVERRIDE) + target
+            + struct.pack("!BB", ND_OPT_TARGET_LINKADDR, 1) + own)
+    return _icmpv6_frame(_ALL_NODES_MAC, own, target, _ALL_NODES, body)
+
+
+def build_ns_probe(mac: str, ip: str) -> bytes:
+    """A duplicate-address-detection Neighbour Solicitation for ``ip`` (RFC 4862 section 5.4.2).
+
+    From :: (so no neighbour cache anywhere learns anything from it, and no source
+    link-layer option, which RFC 4861 forbids with ::) to ``ip``'s solicited-node group; a
+    host that has ``ip`` configured answers with an NA to ff02::1.
+    """
+    own = _mac_bytes(mac)
+    target = _ipv6_bytes(ip)
+    group = solicited_node(target)
+    body = struct.pack("!BBHI", ND_NEIGHBOR_SOLICIT, 0, 0, 0) + target
+    return _icmpv6_frame(b"\x33\x33" + group[12:], own, b"\x00" * 16, group, body)
+
+
+def parse_nd_frame(frame: bytes) -> NdFrame | None:
+    """Decode an Ethernet frame as an ICMPv6 NS or NA; None for anything else or anything
+    malformed (truncated, bad lengths or options, wrong checksum). Pure; never raises on bytes."""
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        return None
+    frame = bytes(frame)
+    start = _ETH_HLEN + _IPV6_HLEN
+    if len(frame) < start + 24 or struct.unpack("!H", frame[12:14])[0] != ETH_P_IPV6:
+        return None
+    version_etc, payload_len, next_header, hop_limit = struct.unpack("!IHBB", frame[14:22])
+    if version_etc >> 28 != 6 or next_header != IPPROTO_ICMPV6:
+        return None                                   # ND never carries extension headers
+    if payload_len < 24 or len(frame) < start + payload_len:
+        return None
+    src, dst = frame[22:38], frame[38:54]
+    body = frame[start:start + payload_len]
+    kind, code, checksum, word = struct.unpack("!BBHI", body[:8])
+    if kind not in (ND_NEIGHBOR_SOLICIT, ND_NEIGHBOR_ADVERT) or code != 0:
+        return None
+    if icmpv6_checksum(src, dst, body[:2] + b"\x00\x00" + body[4:]) != checksum:
+        return None
+    target = ipaddress.IPv6Address(body[8:24])
+    wanted_option = ND_OPT_SOURCE_LINKADDR if kind == ND_NEIGHBOR_SOLICIT else ND_OPT_TARGET_LINKADDR
+    lladdr = None
+    options = body[24:]
+    while options:
+        if len(options) < 2 or options[1] == 0 or len(options) < options[1] * 8:
+            return None                               # RFC 4861 section 7.1.1: drop it whole
+        if options[0] == wanted_option and options[1] == 1 and lladdr is None:
+            lladdr = _mac_text(options[2:8])
+        options = options[options[1] * 8:]
+    return NdFrame(dst_mac=_mac_text(frame[0:6]), src_mac=_mac_text(frame[6:12]),
+                   src_ip=str(ipaddress.IPv6Address(src)), dst_ip=str(ipaddress.IPv6Address(dst)),
+                   hop_limit=hop_limit, type=kind, flags=word if kind == ND_NEIGHBOR_ADVERT else 0,
+                   target=str(target), lladdr=lladdr)
+
+
+# --------------------------------------------------------------------------- either family
+
+
+def build_announcement_frames(mac: str, ip: str) -> list[bytes]:
+    """What announces ``ip`` at ``mac`` once: the gratuitous ARP pair (IPv4) or one
+    unsolicited NA (IPv6). Pure."""
+    bare = _parse(ip, None, require_prefix=False)[0]
+    if _family(bare) == socket.AF_INET6:
+        return [build_unsolicited_na(mac, bare)]
+    return build_garp_frames(mac, bare)
+
+
+def build_probe(mac: str, ip: str) -> tuple[int, bytes]:
+    """(ethertype to listen on, frame) asking the wire whether anyone holds ``ip``: an ARP
+    probe (IPv4) or a DAD Neighbour Solicitation (IPv6). Pure."""
+    bare = _parse(ip, None, require_prefix=False)[0]
+    if _family(bare) == socket.AF_INET6:
+        return ETH_P_IPV6, build_ns_probe(mac, bare)
+    return ETH_P_ARP, build_arp_probe(mac, bare)
+
+
 def send_garp(ifname: str, ip: str, count: int = 3, interval: float = 0.0,
               netns: str | None = None) -> int:
-    """Announce ``ip`` on ``ifname``: ``count`` rounds of (ARP request, ARP reply), ``interval`` s apart.
+    """Announce ``ip`` on ``ifname``: ``count`` rounds, ``interval`` s apart, of (ARP request,
+    ARP reply) for IPv4 or one unsolicited Neighbour Advertisement for IPv6.
 
     ``ip`` may carry a prefix. The MAC, link type and up-state are read over netlink; the frames go
     out through an AF_PACKET socket, created inside ``netns`` when given. Blocks for about
-    ``(count - 1) * interval`` seconds. Returns the number of frames sent (``2 * count``).
+    ``(count - 1) * interval`` seconds. Returns the number of frames sent (``2 * count`` for
+    IPv4, ``count`` for IPv6).
     """
     bare = _parse(ip, ifname, require_prefix=False)[0]
+    what = "an unsolicited NA" if _family(bare) == socket.AF_INET6 else "gratuitous ARP"
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise NetlinkError(f"cannot send gratuitous ARP for {bare} on {ifname}: count must be >= 1")
+        raise NetlinkError(f"cannot send {what} for {bare} on {ifname}: count must be >= 1")
     if (isinstance(interval, bool) or not isinstance(interval, (int, float))
             or not math.isfinite(interval) or interval < 0):
-        raise NetlinkError(f"cannot send gratuitous ARP for {bare} on {ifname}: "
+        raise NetlinkError(f"cannot send {what} for {bare} on {ifname}: "
                            "interval must be a non-negative number")
 
     def announce() -> int:
@@ -577,15 +822,15 @@ def send_garp(ifname: str, ip: str, count: int = 3, interval: float = 0.0,
         try:
             mac, link_type, flags = _link_info(ipr, ifname)
         except NetlinkError as exc:
-            raise NetlinkError(f"cannot send gratuitous ARP for {bare} on {ifname}: {exc}") from None
+            raise NetlinkError(f"cannot send {what} for {bare} on {ifname}: {exc}") from None
         finally:
             ipr.close()
         if link_type != ARPHRD_ETHER:
-            raise NetlinkError(f"cannot send gratuitous ARP for {bare} on {ifname}: "
+            raise NetlinkError(f"cannot send {what} for {bare} on {ifname}: "
                                f"not an Ethernet interface (link type {link_type})")
         if not flags & IFF_UP:
-            raise NetlinkError(f"cannot send gratuitous ARP for {bare} on {ifname}: interface is down")
-        frames = build_garp_frames(mac, bare)
+            raise NetlinkError(f"cannot send {what} for {bare} on {ifname}: interface is down")
+        frames = build_announcement_frames(mac, bare)
         sent = 0
         # protocol 0: this socket only sends, so the kernel queues nothing to it
         with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as sock:
@@ -605,4 +850,4 @@ def send_garp(ifname: str, ip: str, count: int = 3, interval: float = 0.0,
     except (OSError, _PyrouteNetlinkError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         where = f" (namespace {netns})" if netns else ""
-        raise NetlinkError(f"cannot send gratuitous ARP for {bare} on {ifname}{where}: {reason}") from None
+        raise NetlinkError(f"cannot send {what} for {bare} on {ifname}{where}: {reason}") from None

@@ -5,10 +5,19 @@ The VIP service (I/O edge: ``node/netlink.py``) and the coordinator call these f
 
 Addresses
 ---------
-A VIP is configured as ``"10.99.0.100/24"`` (IPv4, prefix required: the prefix is what gets
-plumbed and exactly that prefix is removed again). Everywhere a VIP is *named* (result keys of
-:func:`assign_vips`, ``pinned``, ``current``, ``follow``) the bare address is the key: use
-:func:`vip_key`, which accepts either form (``"10.99.0.100"`` or ``"10.99.0.100/24"``).
+A VIP is configured as ``"10.99.0.100/24"`` or ``"fd00::100/64"`` (IPv4 or IPv6, prefix
+required: the prefix is what gets plumbed and exactly that prefix is removed again); the two
+families mix freely in one cluster. Everywhere a VIP is *named* (result keys of
+:func:`assign_vips`, ``pinned``, ``current``, ``follow``) the bare address is the key, in its
+canonical text (IPv6 compressed, lower case): use :func:`vip_key`, which accepts either form
+(``"10.99.0.100"`` or ``"10.99.0.100/24"``). Addresses no VIP can be (multicast, unspecified,
+IPv6 link-local, loopback or IPv4-mapped, with a zone) are refused here, so a cluster file
+naming one fails to load instead of a vip service failing at run time.
+
+Privileges (:func:`vip_plumbing_refusal`)
+-----------------------------------------
+Plumbing needs CAP_NET_ADMIN, the announcements (AF_PACKET) CAP_NET_RAW; the effective set
+is read from ``/proc/self/status`` (:func:`effective_capabilities`).
 
 Assignment (:func:`assign_vips`)
 --------------------------------
@@ -102,7 +111,15 @@ __all__ = [
     "VipSpec",
     "parse_vip_address",
     "vip_key",
+    "vip_version",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "effective_capabilities",
+    "missing_vip_capabilities",
+    "vip_plumbing_refusal",
     "validate_vips",
+    "subnet_address_problem",
+    "interface_problem",
     "assign_vips",
     "State",
     "Event",
@@ -139,7 +156,7 @@ class VipError(ValueError):
 class VipSpec:
     """One configured VIP.
 
-    ``address`` is ``"a.b.c.d/prefix"``; ``kind`` is ``"injection"`` (listener) or ``"outbound"``
+    ``address`` is ``"a.b.c.d/prefix"`` or an IPv6 ``"address/prefix"``; ``kind`` is ``"injection"`` (listener) or ``"outbound"``
     (binding); ``preference`` names the node that should hold it when up; ``follow`` names another
     VIP (with or without prefix) that this one always moves with. Checked by :func:`validate_vips`.
     """
@@ -157,31 +174,113 @@ class VipSpec:
 
 
 def parse_vip_address(text: str, *, require_prefix: bool = True) -> tuple[str, int]:
-    """Split ``"10.99.0.100/24"`` into ``("10.99.0.100", 24)``; IPv4 only.
+    """Split ``"10.99.0.100/24"`` into ``("10.99.0.100", 24)``, ``"fd00::100/64"`` into
+    ``("fd00::100", 64)``; the address comes back in canonical text.
 
-    Without ``require_prefix`` a bare address is accepted and gets prefix 32.
-    Raises VipError with a one-line message on anything else.
+    Without ``require_prefix`` a bare address is accepted and gets prefix 32 (IPv4) or 128
+    (IPv6). Raises VipError with a one-line message on anything else, and on addresses that
+    cannot be a VIP (:func:`_unusable`).
     """
     if not isinstance(text, str) or not text.strip():
-        raise VipError(f"bad VIP address {text!r}: expected a.b.c.d/prefix")
+        raise VipError(f"bad VIP address {text!r}: expected a.b.c.d/prefix or an IPv6 address/prefix")
     raw = text.strip()
     addr_part, sep, prefix_part = raw.partition("/")
     if not sep and require_prefix:
-        raise VipError(f"bad VIP address {text!r}: a prefix is required (e.g. {raw}/24)")
+        example = "64" if ":" in addr_part else "24"
+        raise VipError(f"bad VIP address {text!r}: a prefix is required (e.g. {raw}/{example})")
+    if "%" in addr_part:
+        raise VipError(f"bad VIP address {text!r}: a zone (%...) is not allowed; the interface says where")
     try:
-        addr = ipaddress.IPv4Address(addr_part)
+        addr = ipaddress.ip_address(addr_part)
     except ValueError:
-        raise VipError(f"bad VIP address {text!r}: not an IPv4 address") from None
+        raise VipError(f"bad VIP address {text!r}: not an IPv4 or IPv6 address") from None
+    problem = _unusable(addr)
+    if problem:
+        raise VipError(f"bad VIP address {text!r}: {problem}")
+    longest = addr.max_prefixlen
     if not sep:
-        return str(addr), 32
-    if not prefix_part.isdigit() or not 1 <= int(prefix_part) <= 32:
-        raise VipError(f"bad VIP address {text!r}: prefix must be a number from 1 to 32")
+        return str(addr), longest
+    if not prefix_part.isdigit() or not 1 <= int(prefix_part) <= longest:
+        raise VipError(f"bad VIP address {text!r}: prefix must be a number from 1 to {longest}")
     return str(addr), int(prefix_part)
 
 
+def _unusable(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why ``addr`` cannot be a VIP (None when it can). Pure.
+
+    IPv4 loopback stays allowed (dry-run clusters use 127.0.0.0/8 on ``lo``); IPv6 loopback
+    cannot be announced on any link, and a link-local VIP would need a zone in every client.
+    """
+    if addr.is_multicast:
+        return "a multicast address cannot be a VIP"
+    if addr.is_unspecified:
+        return "the unspecified address cannot be a VIP"
+    if addr.version == 4:
+        if addr == ipaddress.IPv4Address("255.255.255.255"):
+            return "the limited broadcast address cannot be a VIP"
+        return None
+    if addr.is_loopback:
+        return "the IPv6 loopback address cannot be a VIP"
+    if addr.is_link_local:
+        return "an IPv6 link-local address cannot be a VIP (clients would need a zone)"
+    if addr.ipv4_mapped is not None:
+        return f"an IPv4-mapped IPv6 address cannot be a VIP: use {addr.ipv4_mapped}"
+    return None
+
+
 def vip_key(text: str) -> str:
-    """The canonical bare address naming a VIP; accepts ``"a.b.c.d"`` or ``"a.b.c.d/p"``."""
+    """The canonical bare address naming a VIP; accepts ``"a.b.c.d"`` or ``"a.b.c.d/p"`` (or IPv6)."""
     return parse_vip_address(text, require_prefix=False)[0]
+
+
+def vip_version(text: str) -> int:
+    """4 or 6: the IP version of a VIP given with or without prefix (VipError when malformed)."""
+    return ipaddress.ip_address(vip_key(text)).version
+
+
+# --------------------------------------------------------------------------- privileges
+
+CAP_NET_ADMIN = 12   # add and remove addresses
+CAP_NET_RAW = 13     # AF_PACKET sockets: gratuitous ARP, neighbour advertisements, probes
+
+
+def effective_capabilities(proc_status: str) -> int:
+    """The effective capability mask from the text of ``/proc/<pid>/status`` (its ``CapEff:``
+    line, hexadecimal). Pure; VipError when there is no such line or it is not hex."""
+    for line in proc_status.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "CapEff":
+            try:
+                return int(value.strip(), 16)
+            except ValueError:
+                raise VipError(f"bad CapEff line in the process status: {line.strip()!r}") from None
+    raise VipError("no CapEff line in the process status")
+
+
+def missing_vip_capabilities(mask: int) -> list[str]:
+    """The capabilities plumbing and announcing VIPs need that ``mask`` lacks, by name. Pure."""
+    return [name for name, bit in (("CAP_NET_ADMIN", CAP_NET_ADMIN), ("CAP_NET_RAW", CAP_NET_RAW))
+            if not mask >> bit & 1]
+
+
+def vip_plumbing_refusal(dry_run: bool, cap_mask: int, cluster_file: str) -> str | None:
+    """The one-line reason the vip service must not start, or None. Pure.
+
+    Without the capabilities it could only pretend: say so and stop, unless the cluster file
+    asks for exactly that (``vip_dry_run = true``).
+    """
+    if dry_run:
+        return None
+    missing = missing_vip_capabilities(cap_mask)
+    if not missing:
+        return None
+    return (f"plumbing VIPs needs root or CAP_NET_ADMIN and CAP_NET_RAW (missing: {', '.join(missing)}); "
+            f"set vip_dry_run = true in {cluster_file} to record VIPs without plumbing them")
+
+
+def interface_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a Linux interface name (None when it can). Pure."""
+    return _interface_error(name)
 
 
 def _interface_error(name: object) -> str | None:
@@ -197,11 +296,31 @@ def _interface_error(name: object) -> str | None:
 # --------------------------------------------------------------------------- validation
 
 
+def subnet_address_problem(ip: str, prefix: int) -> str | None:
+    """Why ``ip`` is its subnet's own address and no host's (None when it is a host's). Pure.
+
+    IPv4: the network and broadcast address (prefix up to 30). IPv6: the subnet-router
+    anycast address (host part all zeros, RFC 4291 section 2.6.1; prefix up to 126), which
+    routers answer for.
+    """
+    addr = ipaddress.ip_address(ip)
+    net = ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
+    if addr.version == 4:
+        if prefix <= 30 and addr == net.network_address:
+            return f"is the network address of {net}"
+        if prefix <= 30 and addr == net.broadcast_address:
+            return f"is the broadcast address of {net}"
+        return None
+    if prefix <= 126 and addr == net.network_address:
+        return f"is the subnet-router anycast address of {net}"
+    return None
+
+
 def validate_vips(vips: list[VipSpec], node_names: list[str]) -> list[str]:
     """Check a VIP configuration; return one-line error messages (empty when valid).
 
-    Checks: address syntax and prefix (IPv4, prefix 1..32, not the network or broadcast address
-    of its subnet), duplicate addresses (by bare address, whatever the prefix), interface name,
+    Checks: address syntax and prefix (IPv4 prefix 1..32, IPv6 1..128; not its subnet's own
+    address: :func:`subnet_address_problem`), duplicate addresses (by bare address, whatever the prefix), interface name,
     ``kind``, ``preference`` naming a configured node, ``follow`` naming a configured VIP (not
     itself), ``follow`` together with ``preference`` (the preference could never apply), and
     follow cycles. The order of the messages is deterministic.
@@ -218,11 +337,9 @@ def validate_vips(vips: list[VipSpec], node_names: list[str]) -> list[str]:
         except VipError as exc:
             errors.append(str(exc))
             continue
-        net = ipaddress.IPv4Network(f"{ip}/{prefix}", strict=False)
-        if prefix <= 30 and ipaddress.IPv4Address(ip) == net.network_address:
-            errors.append(f"{label}: is the network address of {net}")
-        elif prefix <= 30 and ipaddress.IPv4Address(ip) == net.broadcast_address:
-            errors.append(f"{label}: is the broadcast address of {net}")
+        problem = subnet_address_problem(ip, prefix)
+        if problem:
+            errors.append(f"{label}: {problem}")
         if ip in keys:
             errors.append(f"{label}: duplicate address (also configured as {keys[ip]!r})")
         else:

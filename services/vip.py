@@ -6,15 +6,15 @@ Loop, per VIP (state machine: :class:`node.vipcore.VipOwnerFSM`):
   assigned here, ask every voter for a promise (``election.promise``), noting our
   monotonic clock *before* asking; a granted promise is good for ``lease`` seconds from
   then. With promises from a majority of voters the VIP is ours: plumb (pyroute2,
-  replace), send a gratuitous-ARP burst, schedule a repeat. Renew every ``lease/3``
-  (a request waits up to ``lease`` for its reply, and two may overlap per voter, so a
+  replace), send a gratuitous-ARP (IPv6: unsolicited NA) burst, schedule a repeat. Renew
+  every ``lease/3`` (a request waits up to ``lease`` for its reply, and two may overlap per voter, so a
   starved voter's late reply still counts and does not hold the next renewal up).
 * A *successor* promise ("after H") counts only once H, asked **after** that promise
   arrived, confirms it no longer holds the VIP (``vip.handover``; H fences itself as it
   answers); a renewal of it waits for a new confirmation while the old entry keeps
   counting. The bookkeeping is :class:`node.vipcore.LeaseBook`, the rule is model-checked
   in docs/model/election.pml. Only with such a confirmed successor promise do we plumb
-  without an ARP probe.
+  without an ARP (IPv6: DAD) probe.
 * The moment fewer than a majority of promises are unexpired (a timer fires at that
   instant, minus a small guard), unplumb. No message is needed for that: a partitioned
   owner fences itself on its own clock.
@@ -30,14 +30,21 @@ Loop, per VIP (state machine: :class:`node.vipcore.VipOwnerFSM`):
 * Every ``reconcile_every`` the interfaces are compared with the state machine; another
   node reporting an address we hold raises the ``two_owners`` alarm.
 * After a partition heals (a member comes back alive in our view) every owned VIP is
-  announced again with gratuitous ARP, so no client keeps a stale ARP entry.
+  announced again (gratuitous ARP / unsolicited NA), so no client keeps a stale neighbour entry.
 
 Publishes ``vip.status`` {node, held, states, load, ready} every probe interval: the
 coordinator's evidence that this node can hold VIPs. ``ready`` turns true once every
 program of this member runs (supervisord's RUNNING): a node that comes back gets its
 preferred VIPs back only then (plus the anti-flap time), not while it is still starting.
-``vip_dry_run = true`` in the cluster file (or running without root) records addresses
-in memory instead of plumbing them, and says so in its status.
+``vip_dry_run = true`` in the cluster file records addresses in memory instead of plumbing
+them, and says so in its status. Without it, a service lacking CAP_NET_ADMIN or CAP_NET_RAW
+(not root) refuses to start with a one-line message and a non-zero exit: pretending to hold
+VIPs it cannot plumb would look healthy while no client is served.
+
+IPv6 VIPs go through the same machine: plumbed without DAD (usable at once), announced with
+unsolicited Neighbour Advertisements wherever IPv4 sends gratuitous ARP (burst, repeat, after
+a heal), and probed before a takeover with a DAD Neighbour Solicitation where IPv4 sends an
+ARP probe (node/netlink.py builds and parses both). "GARP" below means either.
 """
 from __future__ import annotations
 
@@ -49,8 +56,10 @@ import time
 from typing import Any
 
 from bus.client import BusError
-from node.vipcore import Action, Event, LeaseBook, State, VipOwnerFSM, vip_key
-from services.base import Service
+from node.vipcore import (Action, Event, LeaseBook, State, VipError, VipOwnerFSM, effective_capabilities,
+                          vip_key, vip_plumbing_refusal)
+from services.base import Service, rpc
+from bus import roles as access
 
 
 READY_AT_THE_LATEST = 60.0      # s: a supervisord that never reports every program running
@@ -132,11 +141,28 @@ class VipService(Service):
         self.ready = False
 
     # -- set-up -------------------------------------------------------------------
+    def refusal(self) -> str | None:
+        """Why this process must not run (it could not plumb), or None."""
+        try:
+            with open("/proc/self/status") as f:
+                caps = effective_capabilities(f.read())
+        except (OSError, VipError):
+            caps = -1 if os.geteuid() == 0 else 0      # no /proc: root is all we can tell
+        return vip_plumbing_refusal(self.cluster.vip_dry_run, caps, str(self.cluster.path))
+
+    async def run(self) -> None:
+        # Checked before the bus connects: a vip service that cannot plumb must not announce
+        # itself as able to hold VIPs (its status would draw assignments it never serves).
+        reason = self.refusal()
+        if reason:
+            self.log.error("%s", reason)
+            raise SystemExit(2)
+        await super().run()
+
     async def handle_init(self) -> None:
-        if self.cluster.vip_dry_run or os.geteuid() != 0:
+        if self.cluster.vip_dry_run:
             self.plumber = DryRunPlumber()
-            self.log.warning("VIP dry-run: addresses are recorded, not plumbed (%s)",
-                             "vip_dry_run = true" if self.cluster.vip_dry_run else "not root")
+            self.log.warning("VIP dry-run: addresses are recorded, not plumbed (vip_dry_run = true)")
         else:
             from node.netlink import Plumber
             self.plumber = Plumber()
@@ -186,7 +212,8 @@ class VipService(Service):
                 self._drive(key, Event.RELEASE_ORDERED)
             self._fence(key)
         await self._release_everywhere([k for k in self.specs if self.fsm[k].state == State.RELEASED])
-        self.plumber.close()
+        if hasattr(self, "plumber"):       # absent when set-up failed before making it
+            self.plumber.close()
 
     # -- assignment -----------------------------------------------------------------
     def mine(self) -> list[str]:
@@ -355,6 +382,7 @@ class VipService(Service):
             if again and self.books[key].awaiting(holder):
                 self._ask_handover(key, holder)
 
+    @rpc(access.rule(access.SELF, own="to"))
     async def rpc_handover(self, vip: str, to: str) -> dict:
         """Answer once ``vip`` is not plumbed here (at most 0.9 s): the asker's successor
         promises then count. We can never get it back while those promises last.
@@ -456,8 +484,9 @@ class VipService(Service):
     def _probe_clear(self, key: str, now: float) -> bool:
         """May we plumb ``key`` now? After a confirmed handover, yes. Otherwise the previous
         holder may have died with the address still configured (every process of a node
-        killed, the kernel alive): ask the wire first with an RFC 5227 ARP probe, and plumb
-        only when nobody answers. Starts the probe and returns False when none is fresh."""
+        killed, the kernel alive): ask the wire first with an RFC 5227 ARP probe (IPv6: an
+        RFC 4862 DAD Neighbour Solicitation), and plumb only when nobody answers. Starts the
+        probe and returns False when none is fresh."""
         if getattr(self.plumber, "dry_run", False) or self.books[key].confirmed_successor(now):
             return True
         if now - self.probed_clear.get(key, -1.0) < 0.1:
@@ -468,17 +497,20 @@ class VipService(Service):
         return False
 
     async def _probe(self, key: str) -> None:
-        from node.netlink import build_arp_probe, probe_answer
+        """An ARP probe (IPv4) or a DAD Neighbour Solicitation (IPv6), then ``probe_wait``
+        for an answer from another MAC: the same decision for both families."""
+        from node.netlink import build_probe, probe_answer
         spec = self.specs[key]
         answered = None
         try:
             self._garp_frames(spec)                    # fills the interface's cache entry
             mac = self._garp_cache[spec.interface][1]
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+            ethertype, question = build_probe(mac, spec.ip)
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
             try:
-                sock.bind((spec.interface, 0x0806))
+                sock.bind((spec.interface, ethertype))
                 sock.setblocking(False)
-                sock.send(build_arp_probe(mac, spec.ip))
+                sock.send(question)
                 deadline = time.monotonic() + self.probe_wait
                 while answered is None:
                     left = deadline - time.monotonic()
@@ -497,7 +529,7 @@ class VipService(Service):
             finally:
                 sock.close()
         except OSError as e:
-            self.log.error("ARP probe for %s failed: %s", key, e)
+            self.log.error("probe for %s failed: %s", key, e)
             answered = None
         finally:
             self.probing.discard(key)
@@ -576,11 +608,13 @@ class VipService(Service):
                                              vip=key))
 
     def _garp(self, key: str) -> None:
-        """Announce ``key`` now: three (request, reply) pairs, frames built once per VIP.
+        """Announce ``key`` now: three (request, reply) pairs for IPv4, three unsolicited
+        Neighbour Advertisements for IPv6; frames built once per VIP.
 
         The packet socket and the interface MAC are kept, so an announcement costs a few
         microseconds: during a move every millisecond before the client's ARP entry points
-        here is a millisecond of lost connection attempts.
+        here is a millisecond of lost connection attempts. One packet socket per interface
+        serves both families (protocol 0: it only sends).
         """
         if getattr(self.plumber, "dry_run", False):
             return
@@ -593,10 +627,11 @@ class VipService(Service):
             self.counters["garp"] += 1
         except Exception as e:
             self._garp_cache.pop(spec.interface, None)
-            self.log.error("gratuitous ARP for %s failed: %s", key, e)
+            self.log.error("announcing %s (%s) failed: %s", key,
+                           "unsolicited NA" if ":" in key else "gratuitous ARP", e)
 
     def _garp_frames(self, spec) -> tuple:
-        from node.netlink import build_garp_frames
+        from node.netlink import build_announcement_frames
         cached = self._garp_cache.get(spec.interface)
         if cached is None:
             mac = self.plumber.link_mac(spec.interface)
@@ -605,7 +640,7 @@ class VipService(Service):
             cached = self._garp_cache[spec.interface] = (sock, mac, {})
         sock, mac, frames = cached
         if spec.ip not in frames:
-            frames[spec.ip] = build_garp_frames(mac, spec.ip)
+            frames[spec.ip] = build_announcement_frames(mac, spec.ip)
         return sock, frames[spec.ip]
 
     def _garp_repeat(self, key: str) -> None:
@@ -674,6 +709,7 @@ class VipService(Service):
                     and sent > self.acquired_at.get(key, 0) + 0.05):
                 self._drive(key, Event.OTHER_OWNER_SEEN)
 
+    @rpc(access.ANYONE)
     def rpc_status(self) -> dict:
         now = time.monotonic()
         return {"node": self.member.name, "held": self.held(),

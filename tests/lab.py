@@ -7,6 +7,10 @@ Topology (one lab)::
     <prefix>m2  : eth0 = <subnet>.12/24      (member 2) ...
     <prefix>c   : eth0 = <subnet>.2/24       (client)
 
+``Lab(n, ipv6="fd00:99::")`` also gives every endpoint ``fd00:99::<host>/64`` (member 1:
+``fd00:99::11``, client ``fd00:99::2``), usable at once (:mod:`ecluster.labnet`); samplers,
+partitions, ``addresses`` (``family=AF_INET6``) and ``ask`` then work for IPv6 too.
+
 Names, marker files (``/run/ecluster-lab/<prefix>.pid``), the build and the clean-up of
 crashed labs are :mod:`ecluster.labnet`'s (the same code ``ecluster demo`` uses); this module
 adds what tests need: tracked processes, link flaps, partitions, address and ARP samplers.
@@ -51,7 +55,7 @@ class _SamplerThread:
         if isinstance(vips, str):
             raise LabError("vips must be a list of addresses")
         try:
-            checked = [str(ipaddress.IPv4Address(v)) for v in vips]
+            checked = [str(ipaddress.ip_address(v)) for v in vips]     # IPv4 or IPv6, canonical
         except ValueError as e:
             raise LabError(f"bad VIP: {e}") from None
         if not interval > 0:
@@ -177,11 +181,24 @@ def _link_mac(ipr: IPRoute, index: int) -> str:
 
 
 def _ipv4_addresses(ipr: IPRoute, index: int) -> set[str]:
+    return _ip_addresses(ipr, index, socket.AF_INET)
+
+
+def _ip_addresses(ipr: IPRoute, index: int, family: int) -> set[str]:
+    """The interface's addresses of ``family`` (IPv6 canonical)."""
     return {
-        msg.get("address")
-        for msg in ipr.addr("dump", family=socket.AF_INET, index=index)
-        if msg.get("index") == index
+        str(ipaddress.ip_address(msg.get("address")))
+        for msg in ipr.addr("dump", family=family, index=index)
+        if msg.get("index") == index and msg.get("family") == family
     }
+
+
+def _family_of(address: str) -> int:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def _host_prefix(address: str) -> int:
+    return 128 if ":" in address else 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,9 +218,9 @@ class Lab:
     :meth:`down` is idempotent and also registered with :mod:`atexit`.
     """
 
-    def __init__(self, n_members: int, subnet: str = "10.99.0"):
+    def __init__(self, n_members: int, subnet: str = "10.99.0", ipv6: str | None = None):
         # namespaces, marker and build are labnet's (the same code as `ecluster demo`'s lab)
-        self._net = labnet.LabNet(n_members, subnet)
+        self._net = labnet.LabNet(n_members, subnet, ipv6=ipv6)
         self.n_members = self._net.n_members
         self.subnet = self._net.subnet
         self._tracked: list[_Tracked] = []
@@ -244,6 +261,26 @@ class Lab:
     def member_address(self, i: int) -> str:
         """IPv4 address of member `i`'s eth0 (1-based): <subnet>.11, .12, ..."""
         return self._net.member_address(self._check_member(i))
+
+    @property
+    def ipv6(self) -> bool:
+        """Whether the lab gave its endpoints IPv6 addresses."""
+        return self._net.prefix6 is not None
+
+    @property
+    def client_address6(self) -> str:
+        """IPv6 address of the client's eth0 (an IPv6 lab only)."""
+        return self._net.client_address6
+
+    def member_address6(self, i: int) -> str:
+        """IPv6 address of member `i`'s eth0 (an IPv6 lab only): <prefix6>11, 12, ..."""
+        return self._net.member_address6(self._check_member(i))
+
+    def address6(self, host: int) -> str:
+        """The IPv6 address <prefix6><host> (the host's digits as hex), e.g. for a VIP."""
+        if not isinstance(host, int) or isinstance(host, bool) or not 1 <= host <= 254:
+            raise LabError(f"host part must be in 1..254, got {host!r}")
+        return self._net.address6(host)
 
     def address(self, host: int) -> str:
         """The address <subnet>.<host>, e.g. for a VIP (host 1..254)."""
@@ -387,12 +424,17 @@ class Lab:
         """Cut members in different groups off from each other; the client still reaches all.
 
         Replaces any earlier partition. Members not named form groups of their own. Done with
-        blackhole /32 routes, in each member namespace, for the other groups' member addresses.
+        blackhole /32 routes (and /128 for their IPv6 addresses in an IPv6 lab), in each member
+        namespace, for the other groups' member addresses.
         """
         self._check_up()
         complete = validate_groups(groups, self.n_members)
         wanted = partition_blackholes(
             complete, {i: self.member_address(i) for i in self.members})
+        if self.ipv6:
+            for i, dsts in partition_blackholes(
+                    complete, {i: self.member_address6(i) for i in self.members}).items():
+                wanted[i] |= dsts
         with self._lock:
             self.heal()
             for i, dsts in wanted.items():
@@ -400,7 +442,7 @@ class Lab:
                     continue
                 with _open_ns(self.member_ns(i)) as ipr:
                     for dst in sorted(dsts):
-                        ipr.route("add", dst=f"{dst}/32", type="blackhole")
+                        ipr.route("add", dst=f"{dst}/{_host_prefix(dst)}", type="blackhole")
                         self._blackholes.setdefault(i, set()).add(dst)
 
     def isolate_all(self) -> None:
@@ -415,7 +457,7 @@ class Lab:
                 with _open_ns(self.member_ns(i)) as ipr:
                     for dst in sorted(dsts):
                         try:
-                            ipr.route("del", dst=f"{dst}/32", type="blackhole")
+                            ipr.route("del", dst=f"{dst}/{_host_prefix(dst)}", type="blackhole")
                         except Exception as e:  # already gone: nothing left to heal
                             if getattr(e, "code", None) not in (errno.ESRCH, errno.ENOENT):
                                 raise
@@ -429,38 +471,74 @@ class Lab:
 
     # -- addresses -----------------------------------------------------------------------------
 
-    def addresses(self, i: int, ifname: str = _IFACE) -> set[str]:
-        """IPv4 addresses currently on member `i`'s eth0 (or `ifname`; none when it has no such
-        interface)."""
+    def addresses(self, i: int, ifname: str = _IFACE, family: int = socket.AF_INET) -> set[str]:
+        """Addresses of `family` (IPv4 by default; IPv6 canonical, link-local included) currently
+        on member `i`'s eth0 (or `ifname`; none when it has no such interface)."""
         self._check_up()
         with _open_ns(self.member_ns(i)) as ipr:
             if ifname != _IFACE and not ipr.link_lookup(ifname=ifname):
                 return set()
-            return _ipv4_addresses(ipr, _link_index(ipr, ifname))
+            return _ip_addresses(ipr, _link_index(ipr, ifname), family)
 
-    def add_address(self, i: int, address: str, prefixlen: int = 32) -> None:
-        """Add `address`/`prefixlen` to member `i`'s eth0 (e.g. to stand in for a VIP)."""
+    def holds(self, i: int, address: str, ifname: str = _IFACE) -> bool:
+        """Whether member `i` has `address` (either family) on eth0 (or `ifname`)."""
+        canonical = str(ipaddress.ip_address(address))
+        return canonical in self.addresses(i, ifname, _family_of(canonical))
+
+    def add_address(self, i: int, address: str, prefixlen: int | None = None) -> None:
+        """Add `address`/`prefixlen` (default: a host prefix) to member `i`'s eth0 (e.g. to
+        stand in for a VIP); an IPv6 address without DAD."""
         self._check_up()
-        ipaddress.IPv4Address(address)
+        ipaddress.ip_address(address)
+        extra = {"flags": labnet.IFA_F_NODAD} if ":" in address else {}
         with _open_ns(self.member_ns(i)) as ipr:
             ipr.addr("add", index=_link_index(ipr, _IFACE), address=address,
-                     prefixlen=prefixlen)
+                     prefixlen=_host_prefix(address) if prefixlen is None else prefixlen, **extra)
 
-    def del_address(self, i: int, address: str, prefixlen: int = 32) -> None:
-        """Remove `address`/`prefixlen` from member `i`'s eth0."""
+    def del_address(self, i: int, address: str, prefixlen: int | None = None) -> None:
+        """Remove `address`/`prefixlen` (default: a host prefix) from member `i`'s eth0."""
         self._check_up()
         with _open_ns(self.member_ns(i)) as ipr:
             ipr.addr("del", index=_link_index(ipr, _IFACE), address=address,
-                     prefixlen=prefixlen)
+                     prefixlen=_host_prefix(address) if prefixlen is None else prefixlen)
 
-    def flush_neighbours(self, ns: str) -> None:
-        """Forget every ARP entry on eth0 in `ns` (e.g. the client after a VIP moved by hand)."""
+    def member_mac(self, i: int) -> str:
+        """Member `i`'s eth0 MAC (lower case)."""
+        self._check_up()
+        with _open_ns(self.member_ns(i)) as ipr:
+            return _link_mac(ipr, _link_index(ipr, _IFACE))
+
+    def neighbour(self, ns: str, address: str) -> tuple[str, int] | None:
+        """(MAC, NUD state) of the neighbour entry for `address` (either family) on eth0 in
+        `ns`, or None when there is none (or it has no link-layer address)."""
+        self._check_up()
+        canonical = str(ipaddress.ip_address(address))
+        with _open_ns(ns) as ipr:
+            eth0 = _link_index(ipr, _IFACE)
+            for msg in ipr.neigh("dump", ifindex=eth0, family=_family_of(canonical)):
+                dst = msg.get("NDA_DST")
+                mac = msg.get("NDA_LLADDR")
+                if msg.get("ifindex") == eth0 and dst and mac and str(ipaddress.ip_address(dst)) == canonical:
+                    return mac.lower(), msg["state"]
+        return None
+
+    def set_neighbour(self, ns: str, address: str, mac: str) -> None:
+        """Make `ns`'s neighbour entry for `address` point at `mac`, state STALE (as a client
+        that last talked to a holder now gone would have it)."""
+        self._check_up()
+        with _open_ns(ns) as ipr:
+            ipr.neigh("replace", ifindex=_link_index(ipr, _IFACE), dst=address, lladdr=mac,
+                      state=0x04)                      # NUD_STALE
+
+    def flush_neighbours(self, ns: str, family: int = socket.AF_INET) -> None:
+        """Forget every ARP (or, with AF_INET6, neighbour) entry on eth0 in `ns` (e.g. the
+        client after a VIP moved by hand)."""
         self._check_up()
         if ns not in self.namespaces or ns == self.hub_ns:
             raise LabError(f"{ns!r} is not a member or client namespace of this lab")
         with _open_ns(ns) as ipr:
             eth0 = _link_index(ipr, _IFACE)
-            for msg in ipr.neigh("dump", ifindex=eth0, family=socket.AF_INET):
+            for msg in ipr.neigh("dump", ifindex=eth0, family=family):
                 dst = msg.get("NDA_DST")
                 if msg.get("ifindex") == eth0 and dst:
                     try:
@@ -479,8 +557,9 @@ class Lab:
         return netns.create_socket(ns, family, type, flags=0)
 
     def ask(self, ns: str, address: str, port: int, timeout: float = 0.5) -> str | None:
-        """Connect from `ns` to address:port and return the first line (whoami), or None."""
-        with self.ns_socket(ns) as s:
+        """Connect from `ns` to address:port (either family) and return the first line
+        (whoami), or None."""
+        with self.ns_socket(ns, _family_of(address)) as s:
             s.settimeout(timeout)
             try:
                 s.connect((address, port))
@@ -514,17 +593,19 @@ class Lab:
                       arp: bool = True) -> "AddressSampler":
         """Start an AddressSampler over every member namespace; returns once it is sampling.
 
-        With `arp` (the default) an ArpSampler asks from the client every `interval` too; it
-        is the sampler's ``.arp``, stopped with it, and its two-holder rounds are part of
-        ``double_holder_instants()``.
+        With `arp` (the default) an ArpSampler asks from the client every `interval` too, for
+        the IPv4 VIPs among `vips`; it is the sampler's ``.arp``, stopped with it, and its
+        two-holder rounds are part of ``double_holder_instants()``. IPv6 VIPs are sampled by
+        their addresses only.
         """
         self._check_up()
         sampler = AddressSampler(self, vips, interval)
         self._samplers.append(sampler)
         sampler._start()
-        if arp:
+        arp_vips = [v for v in sampler.vips if _family_of(v) == socket.AF_INET]   # ARP is IPv4's
+        if arp and arp_vips:
             try:
-                sampler.arp = self.start_arp_sampler(vips, interval)
+                sampler.arp = self.start_arp_sampler(arp_vips, interval)
             except BaseException:
                 sampler._halt()
                 raise
@@ -614,6 +695,7 @@ class AddressSampler(_SamplerThread):
 
     def __post_init__(self):
         self.vips = self._setup_thread(self.vips, self.interval, "address-sampler")
+        self._families = sorted({_family_of(v) for v in self.vips})   # one dump per family in use
 
     def _run(self) -> None:
         handles: list[tuple[int, IPRoute, int]] = []
@@ -649,7 +731,9 @@ class AddressSampler(_SamplerThread):
             # not held (a killed node whose link was downed keeps its addresses configured).
             held: frozenset[str] = frozenset()
             if _link_up(ipr, eth0):
-                present = _ipv4_addresses(ipr, eth0)
+                present: set[str] = set()
+                for family in self._families:
+                    present |= _ip_addresses(ipr, eth0, family)
                 held = frozenset(v for v in self.vips if v in present)
             reads.append((time.time(), i, held))
             for v in held:
@@ -680,7 +764,7 @@ class AddressSampler(_SamplerThread):
             raise LabError(f"{vip!r} is not sampled (sampling {self.vips})")
         by_address = max((len(h) for _, v, h in self._overlaps() if v == vip), default=1 if any(
             d[vip] for _, d in self.snapshot()) else 0)
-        return max(by_address, self.arp.max_holders(vip) if self.arp is not None else 0)
+        return max(by_address, self.arp.max_holders(vip) if self.arp is not None and vip in self.arp.vips else 0)
 
     def double_holder_instants(self) -> list[tuple[float, str, list[int]]]:
         """Every (t, vip, holders) where more than one member held the same VIP at time t:

@@ -167,3 +167,51 @@ def test_cli_with_a_bad_file_is_one_line_and_exit_1(tmp_path):
         assert lines == [f"ecluster: {f}: unknown key 'surprise'"], lines
     r = run_cli(["status", "-c", tmp_path / "missing.toml"])
     assert (r.returncode, r.stderr.strip()) == (1, f"ecluster: {tmp_path / 'missing.toml'}: no such cluster file")
+
+
+def test_ipv6_and_ipv4_vips_mix_with_canonical_keys():
+    c = parse(MINIMAL + vip("FD00:0::100/64") + vip("10.0.0.1/24", "fd00::0100") + vip("2001:db8::1/128"))
+    assert [v.address for v in c.vips] == ["fd00::100/64", "10.0.0.1/24", "2001:db8::1/128"]
+    assert [v.ip for v in c.vips] == ["fd00::100", "10.0.0.1", "2001:db8::1"]
+    assert c.vips[1].follow == "fd00::100"              # canonical, so it finds its target
+    assert "listed twice" in error(MINIMAL + vip("fd00::100/64") + vip("fd00:0:0::100/80"))
+    assert "needs a prefix length, e.g. fd00::100/64" in error(MINIMAL + vip("fd00::100"))
+
+
+@pytest.mark.parametrize("address,needle", [
+    ("fe80::100/64", "link-local"),
+    ("ff02::1/64", "multicast"),
+    ("fd00::/64", "subnet-router anycast"),
+    ("fd00::1/129", "prefix must be a number from 1 to 128"),
+    ("::ffff:10.0.0.1/96", "IPv4-mapped"),
+    ("fd00::1%eth0/64", "zone"),
+    ("::1/128", "loopback"),
+    ("::/0", "unspecified"),
+    ("224.0.0.9/24", "multicast"),
+    ("10.0.0.0/24", "network address"),
+    ("10.0.0.255/24", "broadcast address"),
+    ("nonsense/24", "not an IPv4 or IPv6 address"),
+])
+def test_a_vip_the_vip_service_cannot_plumb_is_refused_at_parse_time(address, needle):
+    """Refused when the file is loaded, naming the key: never a crash-looping vip service."""
+    msg = error(MINIMAL + vip("10.0.0.1/24") + vip("10.0.0.2/24") + vip(address))
+    assert "'vip[2].address'" in msg and needle in msg, msg
+    assert "\n" not in msg
+
+
+def test_bad_vip_interface_or_follow_is_refused_naming_the_key():
+    assert "'vip[0].interface'" in error(MINIMAL + vip("10.0.0.1/24").replace('"eth0"', '"eth0:1"'))
+    assert "'vip[0].interface'" in error(MINIMAL + vip("10.0.0.1/24").replace('"eth0"', '"' + "x" * 16 + '"'))
+    assert "'vip[0].follow'" in error(MINIMAL + vip("10.0.0.1/24", "fe80::1"))
+
+
+def test_ipv6_member_addresses():
+    c = parse(MINIMAL.replace('"127.0.0.1"', '"FD00:0::11"'))
+    assert c.nodes["n1"].address == "fd00::11"
+    assert c.nodes["n1"].bus_endpoint == "tcp://[fd00::11]:7400"
+    for bad, needle in (("fe80::11", "link-local"), ("fe80::11%eth0", "link-local"), ("ff02::1", "unicast"),
+                        ("::", "unicast"), ("0.0.0.0", "unicast")):
+        msg = error(MINIMAL.replace('"127.0.0.1"', f'"{bad}"'))
+        assert "'nodes.n1.address'" in msg and needle in msg, msg
+    two = MINIMAL + '[nodes.n2]\naddress = "fd00::0011"\ndata_dir = "d2"\n'
+    assert "both use fd00::11:7400" in error(two.replace('"127.0.0.1"', '"fd00::11"'))

@@ -1,8 +1,9 @@
-"""Tests of node/netlink.py against real network namespaces (root only).
+"""Tests of node/netlink.py against real network namespaces (root only), and of its pure
+packet builders and parsers (any user).
 
 Topology, made fresh for each test and always deleted::
 
-    eclnl<pid>-a : vip0 (veth, up)  <--->  eclnl<pid>-b : peer0 (veth, up; captures ARP)
+    eclnl<pid>-a : vip0 (veth, up)  <--->  eclnl<pid>-b : peer0 (veth, up; captures ARP / ND)
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import time
 import pytest
 from pyroute2 import IPRoute, netns
 
-from node.netlink import (ETH_P_ARP, NetlinkError, Plumber, build_garp_frames, parse_arp_frame,
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.netlink import (ETH_P_ARP, ETH_P_IPV6, ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, NetlinkError, Plumber,
+                          build_announcement_frames, build_arp_probe, build_garp_frames, build_ns_probe, build_probe,
+                          build_unsolicited_na, icmpv6_checksum, parse_arp_frame, parse_nd_frame, probe_answer,
                           run_in_netns, send_garp)
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.timeout(60),
-]
+pytestmark = pytest.mark.timeout(60)
 
 VIP = "10.99.0.100/24"
 OTHER = "10.99.0.5/24"
@@ -74,6 +77,8 @@ def add_unmanaged(ns: str, address: str, ifname: str = IFACE) -> None:
 @pytest.fixture
 def lab():
     """Two namespaces joined by a veth pair; yields (ns_a, ns_b); deletes both afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
     base = f"eclnl{os.getpid()}-{next(_counter)}"
     ns_a, ns_b = f"{base}a", f"{base}b"
     created = []
@@ -232,7 +237,7 @@ def test_closed_plumber_refuses_work(lab):
 def test_errors_are_one_line_and_name_address_and_interface(lab, plumber):
     with pytest.raises(NetlinkError, match=r"10\.99\.0\.7/24 on nosuchif"):
         plumber.add("10.99.0.7/24", "nosuchif")
-    with pytest.raises(NetlinkError, match="not an IPv4 address"):
+    with pytest.raises(NetlinkError, match="not an IPv4 or IPv6 address"):
         plumber.add("10.99.0.999/24")
     with pytest.raises(NetlinkError, match="prefix is required"):
         plumber.add("10.99.0.7")
@@ -336,3 +341,237 @@ def test_build_and_parse_garp_frames_round_trip():
     assert parse_arp_frame(request[:30]) is None
     with pytest.raises(NetlinkError):
         build_garp_frames("02:00:00:00:00", "10.99.0.100")
+
+
+# --------------------------------------------------------------------------- IPv6: plumbing
+
+VIP6 = "fd00::100/64"
+OTHER6 = "fd00::5/64"
+MAC = "02:00:00:00:00:01"
+
+
+def raw_addrs6(ns: str, ifname: str = IFACE) -> dict[str, tuple[int, int, int, int]]:
+    """{ip: (prefix, IFA_FLAGS, valid lifetime, preferred lifetime)} of the interface's IPv6
+    addresses, via pyroute2."""
+    with IPRoute(netns=ns, flags=0) as ipr:
+        index = ipr.link_lookup(ifname=ifname)[0]
+        out = {}
+        for m in ipr.get_addr(index=index, family=socket.AF_INET6):
+            flags = m.get_attr("IFA_FLAGS")
+            cache = m.get_attr("IFA_CACHEINFO")
+            out[m.get_attr("IFA_ADDRESS")] = (m["prefixlen"], m["flags"] if flags is None else flags,
+                                              cache["ifa_valid"] if cache else -1,
+                                              cache["ifa_preferred"] if cache else -1)
+        return out
+
+
+def test_ipv6_add_is_usable_at_once_limited_and_removed_exactly(lab, plumber):
+    ns_a, _ = lab
+    with IPRoute(netns=ns_a, flags=0) as ipr:      # an administrator's address in the same /64
+        ipr.addr("add", index=ipr.link_lookup(ifname=IFACE)[0], address="fd00::5", prefixlen=64)
+    assert plumber.add(VIP6, lifetime=4) is True
+    assert plumber.add(VIP6, lifetime=4) is False
+    prefix, flags, valid, preferred = raw_addrs6(ns_a)["fd00::100"]
+    assert prefix == 64 and flags & 0x02 and not flags & 0x40       # IFA_F_NODAD, not IFA_F_TENTATIVE
+    assert 0 < valid <= 4
+    assert preferred == 0 and flags & 0x20                          # IFA_F_DEPRECATED: never a source
+    assert plumber.holds("fd00::100") and plumber.holds("FD00:0::100/64") and not plumber.holds("fd00::100/80")
+    assert plumber.managed_present([(VIP6, IFACE), (VIP, IFACE), ("fd00::9/64", IFACE)]) == [(VIP6, IFACE)]
+    assert VIP6 in plumber.addresses(family=socket.AF_INET6) and plumber.addresses() == []
+    plumber.add(VIP6)                                               # no lifetime: valid forever
+    assert raw_addrs6(ns_a)["fd00::100"][2:] == (0xFFFFFFFF, 0)
+    assert plumber.remove("fd00::100/80") is False                  # exactly the configured prefix
+    assert plumber.remove(VIP6) is True and plumber.remove(VIP6) is False
+    left = raw_addrs6(ns_a)
+    assert "fd00::100" not in left and left["fd00::5"][0] == 64     # the other address is untouched
+
+
+def test_a_deprecated_ipv6_vip_is_not_the_source_of_our_own_connections(lab, plumber):
+    """In the node's own /64 the newest address could win source selection; a deprecated
+    VIP never does, yet it still accepts connections."""
+    ns_a, ns_b = lab
+    for ns, ifname, ip in ((ns_a, IFACE, "fd00::5"), (ns_b, PEER, "fd00::6")):
+        with IPRoute(netns=ns, flags=0) as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname=ifname)[0], address=ip, prefixlen=64, flags=0x02)
+    plumber.add(VIP6, lifetime=10)
+
+    def source_towards_peer() -> str:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.connect(("fd00::6", 9))        # UDP connect: the kernel picks the source, sends nothing
+            return s.getsockname()[0]
+
+    assert run_in_netns(ns_a, source_towards_peer) == "fd00::5"
+
+
+def test_mixed_families_on_one_interface(lab, plumber):
+    plumber.add(VIP)
+    plumber.add(VIP6)
+    assert plumber.managed_present([(VIP, IFACE), (VIP6, IFACE)]) == [(VIP, IFACE), (VIP6, IFACE)]
+    assert plumber.remove(VIP) is True
+    assert plumber.holds(VIP6) and not plumber.holds(VIP)
+
+
+# --------------------------------------------------------------------------- IPv6: packets (pure)
+
+def test_unsolicited_na_is_what_rfc_4861_asks_for():
+    frame = build_unsolicited_na(MAC, "fd00::100/64")
+    nd = parse_nd_frame(frame)
+    assert nd is not None and nd.type == ND_NEIGHBOR_ADVERT
+    assert nd.dst_mac == "33:33:00:00:00:01" and nd.src_mac == MAC
+    assert nd.src_ip == "fd00::100" and nd.dst_ip == "ff02::1" and nd.hop_limit == 255
+    assert nd.override and not nd.solicited and not nd.flags & 0x80000000
+    assert nd.target == "fd00::100" and nd.lladdr == MAC
+    # the checksum verifies: summing the message with its checksum in place gives zero
+    assert icmpv6_checksum(frame[22:38], frame[38:54], frame[54:]) == 0
+    assert build_announcement_frames(MAC, "fd00::100") == [frame]
+    assert len(build_announcement_frames(MAC, "10.99.0.100")) == 2      # IPv4: the GARP pair
+
+
+def test_ns_probe_is_a_dad_solicitation():
+    frame = build_ns_probe(MAC, "fd00::12:3456")
+    nd = parse_nd_frame(frame)
+    assert nd.type == ND_NEIGHBOR_SOLICIT and nd.src_ip == "::" and nd.lladdr is None
+    assert nd.dst_ip == "ff02::1:ff12:3456" and nd.dst_mac == "33:33:ff:12:34:56"
+    assert nd.target == "fd00::12:3456" and nd.hop_limit == 255
+    assert icmpv6_checksum(frame[22:38], frame[38:54], frame[54:]) == 0
+    assert build_probe(MAC, "fd00::12:3456/64") == (ETH_P_IPV6, frame)
+    assert build_probe(MAC, "10.99.0.100") == (ETH_P_ARP, build_arp_probe(MAC, "10.99.0.100"))
+
+
+def test_probe_answer_counts_only_another_hosts_advertisement():
+    theirs = "02:00:00:00:00:02"
+    assert probe_answer(build_unsolicited_na(theirs, "fd00::100"), "fd00::100", MAC) == theirs
+    assert probe_answer(build_unsolicited_na(theirs, "fd00::100"), "FD00::100/64", MAC) == theirs
+    assert probe_answer(build_unsolicited_na(MAC, "fd00::100"), "fd00::100", MAC) is None      # our own
+    assert probe_answer(build_unsolicited_na(theirs, "fd00::101"), "fd00::100", MAC) is None   # other target
+    assert probe_answer(build_ns_probe(theirs, "fd00::100"), "fd00::100", MAC) is None         # a question
+    forwarded = bytearray(build_unsolicited_na(theirs, "fd00::100"))
+    forwarded[21] = 64                                    # hop limit != 255: not from this link
+    assert probe_answer(bytes(forwarded), "fd00::100", MAC) is None
+    assert probe_answer(build_garp_frames(theirs, "10.99.0.100")[1], "fd00::100", MAC) is None
+    assert probe_answer(build_unsolicited_na(theirs, "fd00::100"), "10.99.0.100", MAC) is None
+    assert probe_answer(b"", "not an address", MAC) is None
+
+
+def test_nd_parser_refuses_damaged_frames():
+    frame = build_unsolicited_na(MAC, "fd00::100")
+    assert parse_nd_frame(frame[:-1]) is None                          # truncated
+    flipped = bytearray(frame)
+    flipped[60] ^= 0x01                                                # a bit of the target: bad checksum
+    assert parse_nd_frame(bytes(flipped)) is None
+    zero_len_option = bytearray(frame)
+    zero_len_option[79] = 0
+    assert parse_nd_frame(bytes(zero_len_option)) is None             # option length 0: RFC 4861 drop
+    assert parse_nd_frame(frame + b"\x00" * 10) is not None           # Ethernet padding is fine
+    with pytest.raises(NetlinkError):
+        build_unsolicited_na(MAC, "10.99.0.100")
+    with pytest.raises(NetlinkError):
+        build_ns_probe("02:00", "fd00::1")
+
+
+def _nd_like(draw_bytes: bytes, base: bytes) -> bytes:
+    """A real ND frame with some bytes overwritten: reaches deep into the parser."""
+    out = bytearray(base)
+    for i in range(0, len(draw_bytes) - 1, 2):
+        out[draw_bytes[i] % len(out)] = draw_bytes[i + 1]
+    return bytes(out)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.one_of(st.binary(max_size=200),
+                 st.binary(max_size=40).map(lambda b: _nd_like(b, build_unsolicited_na(MAC, "fd00::100"))),
+                 st.binary(max_size=40).map(lambda b: _nd_like(b, build_ns_probe(MAC, "fd00::100"))),
+                 st.binary(max_size=40).map(lambda b: _nd_like(b, build_garp_frames(MAC, "10.0.0.1")[0]))))
+def test_fuzz_parsers_never_raise(frame):
+    """Whatever arrives from the wire: None or a decoded frame, never an exception."""
+    nd = parse_nd_frame(frame)
+    assert nd is None or nd.type in (ND_NEIGHBOR_SOLICIT, ND_NEIGHBOR_ADVERT)
+    parse_arp_frame(frame)
+    for ip in ("fd00::100", "10.0.0.1"):
+        answer = probe_answer(frame, ip, MAC)
+        assert answer is None or (isinstance(answer, str) and answer != MAC)
+
+
+# --------------------------------------------------------------------------- IPv6: on the wire
+
+def open_nd_capture(ns: str, ifname: str) -> socket.socket:
+    def make():
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IPV6))
+        sock.bind((ifname, ETH_P_IPV6))
+        sock.settimeout(0.05)
+        return sock
+
+    return run_in_netns(ns, make)
+
+
+def neighbour_mac(ns: str, ifname: str, ip: str) -> str | None:
+    with IPRoute(netns=ns, flags=0) as ipr:
+        index = ipr.link_lookup(ifname=ifname)[0]
+        for m in ipr.get_neighbours(ifindex=index, family=socket.AF_INET6):
+            if m.get_attr("NDA_DST") == ip:
+                return (m.get_attr("NDA_LLADDR") or "").lower() or None
+    return None
+
+
+def test_unsolicited_na_repoints_the_peers_neighbour_entry(lab, plumber):
+    """The peer's kernel takes our NA (so the checksum, hop limit and options are right) and
+    points its existing entry for the VIP at our MAC, as a client's would after a failover."""
+    ns_a, ns_b = lab
+    plumber.add(VIP6)
+    with IPRoute(netns=ns_b, flags=0) as ipr:
+        ipr.neigh("add", ifindex=ipr.link_lookup(ifname=PEER)[0], dst="fd00::100",
+                  lladdr="02:00:00:00:00:99", state=0x04)            # NUD_STALE: the old holder
+    assert neighbour_mac(ns_b, PEER, "fd00::100") == "02:00:00:00:00:99"
+    capture = open_nd_capture(ns_b, PEER)
+    try:
+        assert send_garp(IFACE, VIP6, count=3, netns=ns_a) == 3
+        seen = []
+        deadline = time.monotonic() + 5
+        while len(seen) < 3 and time.monotonic() < deadline:
+            try:
+                nd = parse_nd_frame(capture.recv(2048))
+            except socket.timeout:
+                continue
+            if nd is not None and nd.type == ND_NEIGHBOR_ADVERT and nd.target == "fd00::100":
+                seen.append(nd)
+    finally:
+        capture.close()
+    assert len(seen) == 3 and all(nd.lladdr == plumber.link_mac() for nd in seen)
+    assert wait_for(lambda: neighbour_mac(ns_b, PEER, "fd00::100") == plumber.link_mac())
+
+
+def test_dad_probe_is_answered_by_the_kernel_that_holds_the_address(lab, plumber):
+    ns_a, ns_b = lab
+    plumber.add(VIP6)
+    holder_mac = plumber.link_mac()
+    with IPRoute(netns=ns_b, flags=0) as ipr:
+        prober_mac = ipr.get_links(ipr.link_lookup(ifname=PEER)[0])[0].get_attr("IFLA_ADDRESS")
+
+    def ask(ip: str, wait: float) -> str | None:
+        capture = open_nd_capture(ns_b, PEER)
+        try:
+            ethertype, question = build_probe(prober_mac, ip)
+            assert ethertype == ETH_P_IPV6
+            capture.send(question)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                try:
+                    answer = probe_answer(capture.recv(2048), ip, prober_mac)
+                except socket.timeout:
+                    continue
+                if answer:
+                    return answer
+            return None
+        finally:
+            capture.close()
+
+    assert ask("fd00::100", 2.0) == holder_mac
+    assert ask("fd00::101", 0.2) is None                  # nobody has it: no answer
+    # the probe taught the holder nothing (sent from ::, no link-layer option)
+    assert neighbour_mac(ns_a, IFACE, "::") is None
+
+
+def test_ipv6_garp_errors_name_the_announcement(lab):
+    ns_a, _ = lab
+    with pytest.raises(NetlinkError, match="unsolicited NA for fd00::100 on nosuchif"):
+        send_garp("nosuchif", VIP6, netns=ns_a)

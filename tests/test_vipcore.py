@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.vipcore import (DEFAULT_MAX_DRIFT_PPM, IGNORED, INVALID, TRANSITIONS, Action, Event,
-                          Outcome, State, VipError, VipOwnerFSM, VipSpec, assign_vips,
-                          handover_wait, lease_remaining, lease_valid, parse_vip_address, step,
-                          validate_vips, vip_key)
+from node.vipcore import (CAP_NET_ADMIN, CAP_NET_RAW, DEFAULT_MAX_DRIFT_PPM, IGNORED, INVALID, TRANSITIONS,
+                          Action, Event, Outcome, State, VipError, VipOwnerFSM, VipSpec, assign_vips,
+                          effective_capabilities, handover_wait, lease_remaining, lease_valid,
+                          missing_vip_capabilities, parse_vip_address, step, subnet_address_problem,
+                          validate_vips, vip_key, vip_plumbing_refusal, vip_version)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,12 +37,78 @@ def test_parse_vip_address_and_key():
     assert vip_key("10.99.0.100/24") == vip_key("10.99.0.100") == "10.99.0.100"
 
 
-@pytest.mark.parametrize("bad", ["", "10.99.0.100", "10.99.0.300/24", "10.99.0.1/33",
-                                 "10.99.0.1/0", "10.99.0.1/x", "fe80::1/64", "host/24", None])
-def test_parse_vip_address_rejects(bad):
+def test_parse_ipv6_vip_address_canonical_key_and_version():
+    assert parse_vip_address("fd00::100/64") == ("fd00::100", 64)
+    assert parse_vip_address(" FD00:0:0::0100/128 ") == ("fd00::100", 128)
+    assert parse_vip_address("fd00::100", require_prefix=False) == ("fd00::100", 128)
+    assert vip_key("fd00:0000::100/64") == vip_key("FD00::100") == "fd00::100"
+    assert vip_key("2001:db8::1/48") == "2001:db8::1"
+    assert (vip_version("10.99.0.100/24"), vip_version("fd00::100")) == (4, 6)
+    assert parse_vip_address("127.0.0.100/8") == ("127.0.0.100", 8)   # dry-run clusters on lo
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ("", "expected"), ("10.99.0.100", "prefix is required"), ("fd00::100", "e.g. fd00::100/64"),
+    ("10.99.0.300/24", "not an IPv4 or IPv6"), ("10.99.0.1/33", "1 to 32"), ("10.99.0.1/0", "1 to 32"),
+    ("10.99.0.1/x", "1 to 32"), ("fd00::1/129", "1 to 128"), ("fd00::1/0", "1 to 128"),
+    ("host/24", "not an IPv4 or IPv6"), (None, "expected"), ("fe80::1/64", "link-local"),
+    ("fd00::1%eth0/64", "zone"), ("ff02::1/64", "multicast"), ("224.0.0.5/24", "multicast"),
+    ("::/64", "unspecified"), ("0.0.0.0/8", "unspecified"), ("::1/128", "loopback"),
+    ("::ffff:10.0.0.1/96", "use 10.0.0.1"), ("255.255.255.255/32", "limited broadcast"),
+    ("fd00::1/6x", "1 to 128"),
+])
+def test_parse_vip_address_rejects(bad, needle):
     with pytest.raises(VipError) as info:
         parse_vip_address(bad)
+    assert needle in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_parse_vip_address_never_fails_otherwise(text):
+    """Whatever a cluster file or an RPC carries: a result or a VipError, nothing else."""
+    try:
+        ip, prefix = parse_vip_address(text, require_prefix=False)
+    except VipError:
+        return
+    assert vip_key(ip) == ip and 1 <= prefix <= 128
+
+
+def test_subnet_address_problem():
+    assert "network address" in subnet_address_problem("10.0.0.0", 24)
+    assert "broadcast address" in subnet_address_problem("10.0.0.255", 24)
+    assert subnet_address_problem("10.0.0.0", 31) is None
+    assert "subnet-router anycast" in subnet_address_problem("fd00::", 64)
+    assert subnet_address_problem("fd00::", 127) is None
+    assert subnet_address_problem("fd00::100", 64) is None
+
+
+# --------------------------------------------------------------------------- privileges
+
+STATUS_ROOT = "Name:\tpython3\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\n"
+STATUS_USER = STATUS_ROOT.replace("CapEff:\t000001ffffffffff", "CapEff:\t0000000000000000")
+
+
+def test_effective_capabilities_decodes_the_capeff_line():
+    assert effective_capabilities(STATUS_ROOT) == 0x1FFFFFFFFFF
+    assert effective_capabilities(STATUS_USER) == 0
+    assert effective_capabilities("CapEff:\t0000000000003000\n") == (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW)
+    for bad in ("", "CapPrm:\t0\n", "CapEff:\tzz\n"):
+        with pytest.raises(VipError):
+            effective_capabilities(bad)
+
+
+def test_missing_capabilities_and_refusal():
+    assert missing_vip_capabilities(0x1FFFFFFFFFF) == []
+    assert missing_vip_capabilities(0) == ["CAP_NET_ADMIN", "CAP_NET_RAW"]
+    assert missing_vip_capabilities(1 << CAP_NET_ADMIN) == ["CAP_NET_RAW"]
+    assert missing_vip_capabilities(1 << CAP_NET_RAW) == ["CAP_NET_ADMIN"]
+    assert vip_plumbing_refusal(False, 0x1FFFFFFFFFF, "c.toml") is None
+    assert vip_plumbing_refusal(True, 0, "c.toml") is None          # dry-run asked for: fine
+    msg = vip_plumbing_refusal(False, 1 << CAP_NET_RAW, "/etc/ecluster/cluster.toml")
+    assert "needs root or CAP_NET_ADMIN" in msg and "missing: CAP_NET_ADMIN" in msg
+    assert "vip_dry_run = true in /etc/ecluster/cluster.toml" in msg and "\n" not in msg
 
 
 # --------------------------------------------------------------------------- assignment table
@@ -192,7 +259,9 @@ def test_validate_vips_accepts_good_config():
      "follow cycle"),
     ([vip(1), VipSpec("10.99.0.1/25", "eth1")], "duplicate address"),
     ([VipSpec("10.99.0.1", "eth0")], "prefix is required"),
-    ([VipSpec("10.99.0.256/24", "eth0")], "not an IPv4 address"),
+    ([VipSpec("10.99.0.256/24", "eth0")], "not an IPv4 or IPv6 address"),
+    ([VipSpec("fd00::/64", "eth0")], "subnet-router anycast"),
+    ([VipSpec("fd00::1/64", "eth0"), VipSpec("FD00::0001/128", "eth1")], "duplicate address"),
     ([VipSpec("10.99.0.0/24", "eth0")], "network address"),
     ([VipSpec("10.99.0.255/24", "eth0")], "broadcast address"),
     ([vip(1, kind="listener")], "kind 'listener'"),
@@ -645,3 +714,34 @@ def test_assign_vips_passes_over_avoided_nodes_unless_nobody_else_or_pinned():
     follower = VipSpec(address="10.99.0.101/24", interface="eth0", follow=VIP_A)
     assert assign_vips([*vips, follower], ["n1", "n2", "n3"], {}, set(), {}, {},
                        {VIP_A: {"n1", "n2"}}) == {VIP_A: "n3", "10.99.0.101": "n3"}
+
+
+def test_mixed_families_validate_and_assign():
+    specs = [VipSpec("10.99.0.1/24", "eth0", preference="a"), VipSpec("fd00::1/64", "eth0", follow="10.99.0.1"),
+             VipSpec("fd00::2/64", "eth0", preference="b")]
+    assert validate_vips(specs, NODES) == []
+    owners = run(specs)
+    assert owners["fd00::1"] == owners["10.99.0.1"] == "a" and owners["fd00::2"] == "b"
+
+
+def test_the_vip_service_without_cap_net_admin_refuses_to_start(tmp_path):
+    """One line on stderr and a non-zero exit, before it touches the bus (root drops the
+    capability with setpriv; anyone else lacks it anyway)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    (tmp_path / "cluster.toml").write_text(
+        '[cluster]\nname = "nr"\nkeys = "keys"\n[nodes.n1]\naddress = "127.0.0.1"\n'
+        f'data_dir = "{tmp_path / "n1"}"\n[[vip]]\naddress = "fd00::100/64"\ninterface = "lo"\n')
+    argv = [sys.executable, "-m", "ecluster.cli", "service", "run", "vip", "--config",
+            str(tmp_path / "cluster.toml"), "--member", "n1"]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv (util-linux) is needed to drop CAP_NET_ADMIN as root")
+        argv = ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin", *argv]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs root or CAP_NET_ADMIN" in lines[0], p.stderr
+    assert "vip_dry_run = true" in lines[0] and "Traceback" not in p.stderr

@@ -5,6 +5,11 @@ Lab members 1..N are the nodes n1..nN, then the managers m1..mM. Every member ru
 ``ecluster node run`` / ``ecluster manager run`` inside its own namespace; the test
 process talks to members over their ipc sockets (files are shared across namespaces),
 so it needs no route into the lab.
+
+``LabCluster(..., ipv6="fd00:99::")`` builds the lab with IPv6 too: every node also runs an
+IPv6 whoami listener on the same port, VIPs may be IPv6 (``"fd00:99::100/64"``) mixed with
+IPv4 ones, and with ``members_over="ipv6"`` the members' bus addresses (and so every
+member-to-member and CLI connection) are their IPv6 ones.
 """
 from __future__ import annotations
 
@@ -26,6 +31,25 @@ from probe_analysis import analyze, parse_lines  # noqa: E402
 
 PYTHON = sys.executable
 WHOAMI_PORT = 2525
+# whoami.py serves IPv4 only: this is its IPv6 twin (V6ONLY, so both share the port)
+WHOAMI6 = """
+import socket, sys
+name, port = sys.argv[1], int(sys.argv[2])
+srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("::", port))
+srv.listen(128)
+answer = name.encode() + b"\\n"
+while True:
+    conn, _ = srv.accept()
+    try:
+        conn.sendall(answer)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+"""
 
 
 def wait_for(cond, timeout: float, interval: float = 0.02, what: str = "condition"):
@@ -48,10 +72,13 @@ class LabCluster:
 
     def __init__(self, n_nodes: int = 3, n_managers: int = 1, preset: str = "lan",
                  vips: list[dict] | None = None, subnet: str = "10.99.0", checks: list[dict] | None = None,
-                 extra: str = ""):
+                 extra: str = "", ipv6: str | None = None, members_over: str = "ipv4"):
+        if members_over not in ("ipv4", "ipv6") or (members_over == "ipv6" and ipv6 is None):
+            raise ValueError("members_over is 'ipv4', or 'ipv6' with an ipv6 lab prefix")
         self.n_nodes, self.n_managers = n_nodes, n_managers
         self.names = [f"n{i}" for i in range(1, n_nodes + 1)] + [f"m{i}" for i in range(1, n_managers + 1)]
-        self.lab = Lab(len(self.names), subnet=subnet)
+        self.lab = Lab(len(self.names), subnet=subnet, ipv6=ipv6)
+        self.members_over = members_over
         self.vips = vips or [{"address": f"{subnet}.100/24", "preference": "n1"}]
         self.preset = preset
         # [[check]] tables, key -> value as TOML wants it (docs/CHECKS.md); none by default
@@ -72,13 +99,29 @@ class LabCluster:
     def vip_ip(self, k: int = 0) -> str:
         return self.vips[k]["address"].split("/")[0]
 
+    def member_address(self, name: str) -> str:
+        """The address member ``name``'s bus listens on (its IPv6 one with members_over="ipv6")."""
+        i = self.index(name)
+        return self.lab.member_address6(i) if self.members_over == "ipv6" else self.lab.member_address(i)
+
+    def start_whoami(self, name: str) -> float:
+        """Start node ``name``'s whoami listener(s) (IPv4, plus IPv6 in an IPv6 lab); returns the time."""
+        t = time.time()
+        self.lab.popen(self.ns(name), [PYTHON, str(WHOAMI_SCRIPT), name, str(WHOAMI_PORT)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if self.lab.ipv6:
+            self.lab.popen(self.ns(name), [PYTHON, "-c", WHOAMI6, name, str(WHOAMI_PORT)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return t
+
     def write_cluster(self) -> Path:
         from bus import keys as keymod
         from ecluster.clusterfile import load_cluster
-        lines = ["[cluster]", 'name = "lab"', 'keys = "keys"', f'preset = "{self.preset}"', ""]
+        lines = ["[cluster]", 'name = "lab"', 'keys = "keys"', f'preset = "{self.preset}"', "",
+                 "[security]", "nodes_may_commit = true", ""]      # the labs commit through nodes
         for name in self.names:
             table = "nodes" if name.startswith("n") else "managers"
-            lines += [f"[{table}.{name}]", f'address = "{self.lab.member_address(self.index(name))}"',
+            lines += [f"[{table}.{name}]", f'address = "{self.member_address(name)}"',
                       f'data_dir = "{self.root / name}"', ""]
         for v in self.vips:
             lines.append("[[vip]]")
@@ -111,8 +154,7 @@ class LabCluster:
                 prepare(self)
             for name in self.names:
                 if name.startswith("n"):
-                    self.lab.popen(self.ns(name), [PYTHON, str(WHOAMI_SCRIPT), name, str(WHOAMI_PORT)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    self.start_whoami(name)
             for name in self.names:
                 self.start_member(name)
             self.wait_settled(timeout=120)     # ~40 Python processes start on 2 cores
@@ -148,24 +190,22 @@ class LabCluster:
         # network configuration, so the addresses its dead processes left are gone first
         for v in self.vips:
             ip, prefix = v["address"].split("/")
-            if ip in self.lab.addresses(self.index(name)):
+            if self.lab.holds(self.index(name), ip):
                 try:
                     self.lab.del_address(self.index(name), ip, int(prefix))
                 except Exception:   # noqa: BLE001 - the kernel's own lifetime removed it meanwhile
                     pass
         self.lab.link_up(self.index(name))
         t = time.time()
-        if name.startswith("n") and not any(
-                "whoami" in " ".join(p.args) for p in self.lab.processes(self.ns(name)) if p.poll() is None):
-            self.lab.popen(self.ns(name), [PYTHON, str(WHOAMI_SCRIPT), name, str(WHOAMI_PORT)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if name.startswith("n") and not self.whoami_procs(name):
+            self.start_whoami(name)
         self.start_member(name)
         return t
 
     def whoami_procs(self, name: str) -> list[subprocess.Popen]:
         """The live whoami listeners of node ``name`` (started by this lab)."""
         return [p for p in self.lab.processes(self.ns(name))
-                if p.poll() is None and "whoami" in " ".join(map(str, p.args))]
+                if p.poll() is None and ("whoami" in " ".join(map(str, p.args)) or WHOAMI6 in p.args)]
 
     def stop_whoami(self, name: str) -> float:
         """Kill node ``name``'s whoami listener (its port stops answering); returns the time."""
@@ -173,13 +213,6 @@ class LabCluster:
         for p in self.whoami_procs(name):
             self.lab.kill(p)
             p.wait(timeout=5)
-        return t
-
-    def start_whoami(self, name: str) -> float:
-        """Start node ``name``'s whoami listener again; returns the time it was started."""
-        t = time.time()
-        self.lab.popen(self.ns(name), [PYTHON, str(WHOAMI_SCRIPT), name, str(WHOAMI_PORT)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return t
 
     def close(self) -> None:
@@ -238,7 +271,7 @@ class LabCluster:
         for v in self.vips:
             ip = v["address"].split("/")[0]
             ifname = v.get("interface", "eth0")
-            out[ip] = [n for n in self.names if n.startswith("n") and ip in self.lab.addresses(self.index(n), ifname)]
+            out[ip] = [n for n in self.names if n.startswith("n") and self.lab.holds(self.index(n), ip, ifname)]
         return out
 
     def wait_settled(self, timeout: float = 20, expect: dict[str, str] | None = None) -> dict:
