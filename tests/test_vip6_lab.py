@@ -144,6 +144,32 @@ def test_mixed_families_settle_over_an_ipv6_bus(lc, window):
     assert status["counters"]["garp"] >= 1                 # the NA burst went out
 
 
+def test_doctor_passes_inside_each_running_member(lc, window):
+    """``ecluster doctor`` in a member's own namespace while it runs: its ports are its own,
+    its clock is compared with every peer over the IPv6 bus, the IPv6 VIP's interface has IPv6."""
+    for name in ("n1", "m1"):
+        argv = [sys.executable, "-m", "ecluster.cli", "doctor", "-c", str(lc.path), "--member", name]
+        p = lc.lab.popen(lc.ns(name), argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         stdin=subprocess.DEVNULL)
+        out, err = p.communicate(timeout=60)
+        print(out)
+        assert p.returncode == 0, out + err
+        by = {}
+        for line in out.splitlines():
+            status, check, detail = line.split(None, 2)
+            by.setdefault(check, []).append((status, detail))
+        assert all(s != "FAIL" for rows in by.values() for s, _ in rows)
+        assert by["ports"][0][0] == "ok" and f"{'node' if name == 'n1' else 'manager'} {name} runs here" in by["ports"][0][1]
+        assert by["clock"][0][0] == "ok" and "3 answered" in by["clock"][0][1]
+        assert by["layout"] == [("ok", "4 votes on 4 hosts, quorum 3: any one host may fail")]
+        if name == "n1":
+            assert by["privileges"][0][0] == "ok"
+            assert [s for s, _ in by["interface"]] == ["ok"] and "eth0 is up" in by["interface"][0][1]
+            assert by["ipv6"][0][0] == "ok" and by["ipv6"][0][1].startswith("eth0: IPv6 on")
+        else:
+            assert by["privileges"][0][0] == "skip" and "interface" not in by
+
+
 def test_owner_killed_the_client_follows_the_unsolicited_na(lc, window):
     assert wait_for(lambda: lc.ask_vip(VIP6) == "n1", 5, what="client reaches n1")
     assert client_mac_for(lc, VIP6) == mac_of(lc, "n1")
