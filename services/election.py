@@ -573,6 +573,13 @@ class ElectionService(Service):
             raise ServiceError("no coordinator at the moment (no majority?); try again", "no_coordinator")
         if not caller.local:
             raise ServiceError(f"not the coordinator: ask {self.leader}", "not_coordinator")
+        # forwarded, the call is this member's: forward only what the coordinator lets this
+        # member do (a node may drain itself, not move VIPs), else say where to ask
+        as_me = access.Principal(self.member.name, self.member.role)
+        rule = getattr(getattr(type(self), f"rpc_{method}"), "rpc_rule", None)
+        if rule is None or not access.permits(rule, as_me, args, self._switches):
+            raise ServiceError(f"not the coordinator: ask {self.leader} (a {self.member.role}'s own "
+                               f"call of election.{method} is not forwarded)", "not_coordinator")
         return await self.call(self.leader, "election", method, timeout=2.0, **args)
 
     def _check_node(self, node: str) -> None:
