@@ -10,8 +10,8 @@ protocol and the argument why no VIP can have two holders.
    every voter. A voter grants at most one vote per term, and none at all while it still
    hears a live coordinator (stickiness, so a member that merely lost its link cannot
    depose a working coordinator). A majority of the configured voters makes a
-   coordinator; it publishes ``election.assignment`` every probe interval, which is also
-   its heartbeat. A coordinator whose membership view shows no majority alive steps down.
+   coordinator; it computes ``election.assignment`` every probe interval and publishes it
+   when it changes and every ``report_refresh`` (D/3) otherwise, which is also its heartbeat. A coordinator whose membership view shows no majority alive steps down.
 
 2. VIP leases by quorum (the safety mechanism). A node may hold a VIP only while a
    majority of voters have *promised* it to that node. Each voter keeps at most one
@@ -91,6 +91,8 @@ class ElectionService(Service):
         self.vip_status: dict[str, dict] = {}      # node -> last vip.status body (+ "_at")
         self.assignment: dict = {"term": 0, "leader": None, "seq": 0, "owners": {}, "drained": [],
                                  "pinned": {}, "candidates": [], "settled": time.time()}
+        self._assignment_sent: dict | None = None  # the last assignment published, without seq
+        self._assignment_sent_at = 0.0             # ... and when (monotonic)
         # vip -> (holder, expires on our monotonic clock, the holder's clock when it last asked)
         self.promises: dict[str, tuple[str, float, float]] = {}
         self.grant_after = 0.0
@@ -442,7 +444,7 @@ class ElectionService(Service):
                     "vip_owner_struggling", f"VIP {spec.key}: {owner} cannot keep it; moved elsewhere for {length:.0f} s",
                     vip=spec.key, node=owner, seconds=length))
 
-    async def _publish_assignment(self) -> None:
+    async def _publish_assignment(self, force: bool = False) -> None:
         now = time.monotonic()
         self._observe_holders(now)
         self.health.forget_old(now)
@@ -453,11 +455,18 @@ class ElectionService(Service):
             settled = time.time()
             if owners != prev:
                 self.log.info("term %d assignment: %s", self.term, owners)
+        content = {"term": self.term, "leader": self.member.name, "owners": owners,
+                   "drained": sorted(self.drained), "pinned": self.pinned,
+                   "candidates": self.candidates(now), "settled": settled}
+        # computed every tick (P), sent when it changed, else every report_refresh: it is the
+        # coordinator's heartbeat too (followers stand after D of silence, ecluster.timing)
+        if (not force and content == self._assignment_sent
+                and now - self._assignment_sent_at < self.timing.report_refresh):
+            return
         self.seq += 1
-        a = {"term": self.term, "leader": self.member.name, "seq": self.seq, "owners": owners,
-             "drained": sorted(self.drained), "pinned": self.pinned,
-             "candidates": self.candidates(now), "settled": settled}
+        a = {**content, "seq": self.seq}
         self.assignment = a
+        self._assignment_sent, self._assignment_sent_at = content, now
         await self.publish("election.assignment", a)
 
     # -- lease votes ----------------------------------------------------------------
@@ -671,7 +680,8 @@ class ElectionService(Service):
         a = self.assignment
         owners = a.get("owners", {})
         holders: dict[str, list[str]] = {}
-        fresh = self.timing.suspect_after     # statuses come every probe interval
+        # unchanged statuses come every report_refresh: two may be late before a holder is dropped
+        fresh = max(self.timing.suspect_after, 2 * self.timing.report_refresh)
         for node, st in self.vip_status.items():
             if now - st.get("_at", 0) > fresh:
                 continue

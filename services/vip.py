@@ -109,6 +109,8 @@ class VipService(Service):
         self.handover_in_flight: set[tuple[str, str]] = set()
         self.handover_again: set[tuple[str, str]] = set()
         self.assignment: dict = {"term": -1, "seq": -1, "owners": {}}
+        self._status_sent: dict | None = None          # the last vip.status body published
+        self._status_sent_at = 0.0                     # ... and when (monotonic)
         self.in_flight: dict[str, int] = {}        # voter -> promise requests awaiting a reply
         self.retry_soon: set[str] = set()             # voters to ask again shortly (stale assignment)
         self.quick_retries: dict[str, int] = {}       # ... how many in a row (at most 3)
@@ -673,13 +675,24 @@ class VipService(Service):
         return [k for k in self.specs if self.fsm[k].holds]
 
     async def handle_tick(self) -> None:
-        await self._publish_status()
+        # a changed status goes now; an unchanged one every report_refresh (ecluster.timing):
+        # the election counts it fresh for 3 D, and every member's election, hooks and
+        # VIP-watching plug-ins wake up for each copy
+        if (self._status_body() != self._status_sent
+                or time.monotonic() - self._status_sent_at >= self.timing.report_refresh):
+            await self._publish_status()
+
+    def _status_body(self) -> dict:
+        held = self.held()
+        return {"node": self.member.name, "held": held,
+                "states": {k: f.state.value for k, f in self.fsm.items()},
+                "load": len(held), "ready": self.ready,
+                "dry_run": bool(getattr(self.plumber, "dry_run", False))}
 
     async def _publish_status(self) -> None:
-        await self.publish("vip.status", {"node": self.member.name, "held": self.held(),
-                                          "states": {k: f.state.value for k, f in self.fsm.items()},
-                                          "load": len(self.held()), "time": time.time(), "ready": self.ready,
-                                          "dry_run": bool(getattr(self.plumber, "dry_run", False))})
+        body = self._status_body()
+        self._status_sent, self._status_sent_at = body, time.monotonic()
+        await self.publish("vip.status", {**body, "time": time.time()})
 
     async def _reconcile_loop(self) -> None:
         while True:
