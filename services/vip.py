@@ -32,7 +32,8 @@ Loop, per VIP (state machine: :class:`node.vipcore.VipOwnerFSM`):
 * After a partition heals (a member comes back alive in our view) every owned VIP is
   announced again (gratuitous ARP / unsolicited NA), so no client keeps a stale neighbour entry.
 
-Publishes ``vip.status`` {node, held, states, load, ready} every probe interval: the
+Publishes ``vip.status`` {node, held, states, load, ready} when it changes (checked every
+probe interval) and unchanged every ``report_refresh`` (D/3): the
 coordinator's evidence that this node can hold VIPs. ``ready`` turns true once every
 program of this member runs (supervisord's RUNNING): a node that comes back gets its
 preferred VIPs back only then (plus the anti-flap time), not while it is still starting.
