@@ -178,8 +178,8 @@ def _positionals(args: list[str]) -> list[str]:
 
 
 def program_name(argv: list[str]) -> str:
-    """The supervisord program a process runs, from its argv: ``... ecluster.cli --keys K bus
-    run ...`` -> "broker", ``... service run election ...`` -> "election", ``node run`` /
+    """The supervisord program a process runs, from its argv: ``... node.program --keys K bus
+    run ...`` (or ecluster.cli) -> "broker", ``... service run election ...`` -> "election", ``node run`` /
     ``manager run`` -> "runner", supervisord -> "supervisord"; anything else: the base name of
     its executable (keepalived, git). Pure."""
     if not argv:
@@ -187,8 +187,9 @@ def program_name(argv: list[str]) -> str:
     names = [os.path.basename(a) for a in argv[:2]]
     if "supervisord" in names:
         return "supervisord"
-    if "ecluster.cli" in argv:
-        rest = argv[argv.index("ecluster.cli") + 1:]
+    entry = next((e for e in ("ecluster.cli", "node.program") if e in argv), None)
+    if entry:
+        rest = argv[argv.index(entry) + 1:]
     elif names[0] in ("ecluster", "eccfg"):
         rest = argv[1:]
     elif len(names) > 1 and names[1] in ("ecluster", "eccfg"):

@@ -43,7 +43,8 @@ def _ini(value: str) -> str:
 
 
 def _command(python: str, args: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in [python, "-m", "ecluster.cli", *args])
+    # node.program, not the admin CLI: the same arguments without importing typer (see there)
+    return " ".join(shlex.quote(a) for a in [python, "-m", "node.program", *args])
 
 
 def _program(name: str, command: str, priority: int, log_dir: Path, cwd: Path) -> list[str]:

@@ -64,6 +64,7 @@ def test_program_names_from_cmdlines():
     assert fp.program_name([py, "-m", "ecluster.cli", "--keys", "/k", "bus", "run", "--config", "c", "--member", "n1"]) \
         == "broker"
     assert fp.program_name([py, "-m", "ecluster.cli", "node", "run", "-c", "c", "--node", "n1"]) == "runner"
+    assert fp.program_name([py, "-m", "node.program", "--keys", "/k", "service", "run", "vip", "-c", "c", "-m", "n1"]) == "vip"
     assert fp.program_name(["/v/bin/ecluster", "manager", "run", "-c", "c", "-m", "m1"]) == "runner"
     assert fp.program_name([py, "/v/bin/supervisord", "-n", "-c", "x.conf"]) == "supervisord"
     assert fp.program_name(["/usr/sbin/keepalived", "--dont-fork"]) == "keepalived"

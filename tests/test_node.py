@@ -128,7 +128,7 @@ def test_supervisor_conf_takes_plugins_and_escapes(make_cluster):
                            services=["control", "smtp"])
     cp = parse_conf(text)
     assert cp["program:smtp"]["command"] == \
-        (f"/opt/py/bin/python -m ecluster.cli --keys {cluster.keys_dir} service run smtp"
+        (f"/opt/py/bin/python -m node.program --keys {cluster.keys_dir} service run smtp"
          " --config /etc/ec%%1/cluster.toml --member n1")
     with pytest.raises(SupervisorError, match="broker"):
         supervisor_conf(cluster, "n1", services=["broker"])
@@ -269,3 +269,23 @@ def test_ensure_data_dir_can_keep_a_granted_search_bit(make_cluster):
     assert (m.run_dir.stat().st_mode & 0o777) == 0o700
     ensure_data_dir(m)
     assert (m.data_dir.stat().st_mode & 0o777) == 0o700
+
+
+def test_programs_run_without_the_admin_cli(make_cluster, tmp_path):
+    """supervisord's programs start through node.program: typer and the command modules are
+    never imported by a broker or a service, and bad input is still one line."""
+    import subprocess
+    import sys
+    cluster = make_cluster(1)
+    probe = ("import sys, runpy; sys.argv = ['node.program', 'service', 'run', 'nosuch', '--config', %r, "
+             "'--member', 'n1']\ntry:\n    runpy.run_module('node.program', run_name='__main__')\n"
+             "except SystemExit as e:\n    print(e.code, 'typer' in sys.modules, 'ecluster.cli' in sys.modules)\n"
+             % str(cluster.path))
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    assert r.stdout.split() == ["1", "False", "False"], r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("ecluster: ") and "nosuch" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "node.program", "service", "run", "vip", "--config",
+                        str(tmp_path / "none.toml"), "--member", "n1"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "node.program", "bus"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2

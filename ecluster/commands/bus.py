@@ -1,9 +1,6 @@
 """``ecluster bus run``: the member's bus broker."""
 from __future__ import annotations
 
-import logging
-import sys
-
 import typer
 
 from ecluster.commands.common import ConfigOpt, MemberOpt, load, new_app
@@ -19,15 +16,8 @@ def bus_run(config: ConfigOpt = None, member: MemberOpt = ...):
 
     Example: ecluster bus run -c cluster.toml --member n1
     """
-    from bus.broker import serve
-    from node.datadir import broker_lock, ensure_data_dir
-    cluster = load(config)
-    m = cluster.member(member)
-    ensure_data_dir(m, keep_search=True)      # what the runner or a plug-in set stays
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    with broker_lock(m):
-        serve(cluster, member)
+    from node.program import run_broker
+    run_broker(load(config), member)
 
 
 def register(root: typer.Typer) -> None:

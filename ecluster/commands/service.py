@@ -1,8 +1,6 @@
 """``ecluster service run|list``: one service process, and what runs where."""
 from __future__ import annotations
 
-import logging
-import sys
 from typing import Annotated
 
 import typer
@@ -10,8 +8,6 @@ import typer
 from ecluster.commands.common import ConfigOpt, JsonOpt, MemberOpt, die, load, new_app, print_json
 
 app = new_app("Run or list services (built-ins and plug-ins).")
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @app.command("run")
@@ -21,16 +17,12 @@ def service_run(name: Annotated[str, typer.Argument(metavar="NAME", help="The se
 
     Example: ecluster service run control -c cluster.toml --member n1
     """
-    from services.base import load_service, run_service
+    from node.program import ProgramError, run_one_service
     cluster = load(config)
-    m = cluster.member(member)
-    cls = load_service(name)
-    if not cls.runs_on(cluster, member):
-        where = "/".join(cls.roles)
-        die(f"service {name!r} does not run on {m.role} {member} "
-            f"(runs on: {where}{'' if cls.builtin else ', where [services.' + name + '] is configured'})")
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
-    run_service(cluster, member, name)
+    try:
+        run_one_service(cluster, member, name)
+    except ProgramError as e:
+        die(str(e))
 
 
 @app.command("list")
