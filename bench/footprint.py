@@ -201,7 +201,7 @@ def program_name(argv: list[str]) -> str:
         return "broker"
     if words[:2] == ["service", "run"] and len(words) > 2:
         return words[2]
-    if len(words) >= 2 and words[0] in ("node", "manager") and words[1] == "run":
+    if len(words) >= 2 and words[0] in ("node", "manager", "member") and words[1] == "run":
         return "runner"
     return "ecluster " + " ".join(words[:2]) if words else "ecluster"
 

@@ -2,6 +2,11 @@
 
     python -m node.program [--keys DIR] bus run --config FILE --member NAME
     python -m node.program [--keys DIR] service run NAME --config FILE --member NAME
+    python -m node.program [--keys DIR] member run --config FILE --member NAME
+
+The last is what ``ecluster node run`` / ``manager run`` become once they have checked
+their arguments (they exec it): the runner then waits on supervisord for as long as the
+member lives, and should not keep the CLI's modules in memory all that time.
 
 The same grammar as ``ecluster bus run`` / ``ecluster service run`` (which call the same
 functions), without the admin CLI: a service process must not import typer, click and
@@ -63,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
                                                                "(supervisord runs these).")
     ap.add_argument("--keys", type=Path, metavar="DIR", help="this host's key directory")
     area = ap.add_subparsers(dest="area", required=True)
-    for name in ("bus", "service"):
+    for name in ("bus", "service", "member"):
         verb = area.add_parser(name).add_subparsers(dest="verb", required=True)
         run = verb.add_parser("run")
         if name == "service":
@@ -77,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)          # usage errors: argparse's message, exit 2
     try:
         cluster = load(args.config, args.keys)
+        if args.area == "member":
+            from node.supervisor import run_member
+            return run_member(cluster, args.member, args.config)
         if args.area == "bus":
             run_broker(cluster, args.member)
         else:

@@ -11,8 +11,11 @@ app = new_app("Run a node.")
 
 
 def run_role(config, name: str, role: str, keys=None) -> int:
-    """Shared by ``node run`` and ``manager run``: check the role, run supervisord."""
-    from node.supervisor import run_member
+    """Shared by ``node run`` and ``manager run``: check the role, then become the runner
+    (``node.program member run``, exec'd: same pid, without the CLI's modules, which the
+    runner would otherwise keep in memory for the member's whole life)."""
+    import os
+    import sys
     if keys is not None:
         SESSION["keys"] = keys
     cluster = load(config)
@@ -20,7 +23,12 @@ def run_role(config, name: str, role: str, keys=None) -> int:
     if m.role != role:
         other = "manager" if role == "node" else "node"
         die(f"{name} is a {m.role}, not a {role} (use: ecluster {other} run)")
-    return run_member(cluster, name, config)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = [sys.executable, "-m", "node.program", "--keys", str(cluster.keys_dir),
+            "member", "run", "--config", str(config or cluster.path), "--member", name]
+    os.execv(sys.executable, argv)
+    return 1        # not reached
 
 
 @app.command("run")
