@@ -383,11 +383,16 @@ class ControlService(Service):
         self._local_task = asyncio.get_running_loop().create_task(self.offload(self._find_local))
 
     def _find_local(self) -> list[str]:
-        from services.base import services_for
+        from services.base import in_a_child, services_for
         try:
-            return services_for(self.cluster, self.member.name)
+            # in a child: the classes loaded to ask where each runs stay out of this process
+            return in_a_child("services.base:services_for", self.cluster, self.member.name)
         except Exception:  # noqa: BLE001 - a broken plug-in must not break status
-            return []
+            self.log.warning("finding this member's services in a child failed: finding them here")
+            try:
+                return services_for(self.cluster, self.member.name)
+            except Exception:  # noqa: BLE001
+                return []
 
     # -- helpers for commands ----------------------------------------------------------
     async def local_services(self) -> list[str]:

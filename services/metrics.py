@@ -329,6 +329,14 @@ def metrics_sources(names: list[str], load) -> tuple[list[str], set[str]]:
     return [n for n in names if not load(n).builtin or n in builtin], builtin
 
 
+def local_metric_sources(cluster, member: str) -> list[list[str]]:
+    """[the services of ``member``, those asked for metrics, the built-ins among them] (JSON)."""
+    from services.base import load_service, services_for
+    names = services_for(cluster, member)
+    plugins, builtin = metrics_sources(names, load_service)
+    return [names, plugins, sorted(builtin)]
+
+
 
 class MetricsService(Service):
     """Serves ``/metrics`` on the member's address and ``metrics_port`` (see the module docstring)."""
@@ -348,10 +356,14 @@ class MetricsService(Service):
         self._bind_error: str | None = None
 
     async def handle_init(self) -> None:
-        from services.base import load_service, services_for
-        names = await self.offload(services_for, self.cluster, self.member.name)
-        self.local = names
-        self.plugins, self.builtin_sources = metrics_sources(names, load_service)
+        from services.base import in_a_child
+        try:
+            # in a child: the classes loaded to find them stay out of this process
+            found = await self.offload(in_a_child, "services.metrics:local_metric_sources", self.cluster, self.member.name)
+        except Exception:  # noqa: BLE001 - e.g. no way to spawn: find them here
+            self.log.warning("finding the metric sources in a child failed: finding them here")
+            found = local_metric_sources(self.cluster, self.member.name)
+        self.local, self.plugins, self.builtin_sources = list(found[0]), list(found[1]), set(found[2])
         await self._listen()
 
     async def handle_tick(self) -> None:

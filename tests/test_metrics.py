@@ -187,3 +187,21 @@ def test_other_paths_and_methods(cluster_procs):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=5)
     assert e.value.code == 405
+
+
+def test_metric_sources_are_found_in_a_child_process(make_cluster):
+    """What runs on a member is found in a short-lived child (services.base.in_a_child), with
+    the same answer as in this process, so the metrics and control services do not keep every
+    service class loaded."""
+    from services.base import in_a_child, load_service, services_for
+    from services.metrics import local_metric_sources, metrics_sources
+    cluster = make_cluster(1, 1)
+    for member in ("n1", "m1"):
+        here = services_for(cluster, member)
+        plugins, builtin = metrics_sources(here, load_service)
+        assert in_a_child("services.metrics:local_metric_sources", cluster, member) == \
+            [here, plugins, sorted(builtin)] == local_metric_sources(cluster, member)
+        assert in_a_child("services.base:services_for", cluster, member) == here
+    import pytest
+    with pytest.raises(RuntimeError, match="in a child: exit 1"):
+        in_a_child("services.base:no_such_function", cluster, "n1")
