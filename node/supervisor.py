@@ -16,6 +16,7 @@ runner dies (PR_SET_PDEATHSIG), so nothing is left running unowned.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import shlex
 import shutil
@@ -26,6 +27,8 @@ from pathlib import Path
 
 from ecluster.clusterfile import Cluster, Member
 from node.datadir import data_dir_lock, ensure_data_dir
+
+log = logging.getLogger(__name__)
 
 BROKER_PROGRAM = "broker"
 BROKER_PRIORITY = 10
@@ -185,7 +188,15 @@ def run_member(cluster: Cluster, member: str, config_path: Path | str | None = N
     supervisord = find_supervisord()
     with data_dir_lock(m) as lock:
         conf = conf_path(m)
-        text = supervisor_conf(cluster, member, config_path or cluster.path)
+        # the service list is found in a child: loading every service class to ask where it
+        # runs would stay in this process (it waits on supervisord for the member's life)
+        from node.child import in_a_child
+        try:
+            services = in_a_child("services.base:services_for", cluster, member)
+        except (RuntimeError, OSError, ValueError) as e:
+            log.warning("finding the services in a child failed (%s): finding them here", e)
+            services = None
+        text = supervisor_conf(cluster, member, config_path or cluster.path, services=services)
         tmp = conf.with_suffix(".tmp")
         tmp.write_text(text)
         os.replace(tmp, conf)

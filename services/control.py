@@ -383,7 +383,8 @@ class ControlService(Service):
         self._local_task = asyncio.get_running_loop().create_task(self.offload(self._find_local))
 
     def _find_local(self) -> list[str]:
-        from services.base import in_a_child, services_for
+        from node.child import in_a_child
+        from services.base import services_for
         try:
             # in a child: the classes loaded to ask where each runs stay out of this process
             return in_a_child("services.base:services_for", self.cluster, self.member.name)

@@ -356,7 +356,7 @@ class MetricsService(Service):
         self._bind_error: str | None = None
 
     async def handle_init(self) -> None:
-        from services.base import in_a_child
+        from node.child import in_a_child
         try:
             # in a child: the classes loaded to find them stay out of this process
             found = await self.offload(in_a_child, "services.metrics:local_metric_sources", self.cluster, self.member.name)

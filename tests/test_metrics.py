@@ -190,10 +190,11 @@ def test_other_paths_and_methods(cluster_procs):
 
 
 def test_metric_sources_are_found_in_a_child_process(make_cluster):
-    """What runs on a member is found in a short-lived child (services.base.in_a_child), with
+    """What runs on a member is found in a short-lived child (node.child.in_a_child), with
     the same answer as in this process, so the metrics and control services do not keep every
     service class loaded."""
-    from services.base import in_a_child, load_service, services_for
+    from node.child import in_a_child
+    from services.base import load_service, services_for
     from services.metrics import local_metric_sources, metrics_sources
     cluster = make_cluster(1, 1)
     for member in ("n1", "m1"):
