@@ -6,8 +6,8 @@ member, and gets the VIP back only after ``rise`` good probes and ``anti_flap``.
 client probes the VIP on the same port, so "the VIP answers" and "the checked service
 answers" are one thing, as for a real mail server. Killing n1's whoami makes its check fail.
 
-The ``stuck`` check is a command that hangs (``sleep 1000``) on a node once a flag file for
-that node's namespace exists: a hang is a failed probe at the timeout, the health service
+The ``stuck`` check is a command that hangs (``sleep 1000``) on a node once a flag file ``hang``
+exists in that node's data directory: a hang is a failed probe at the timeout, the health service
 answers meanwhile, and the hanging program is killed each time.
 """
 from __future__ import annotations
@@ -33,7 +33,10 @@ MARGIN = 1.5
 
 
 def stuck_check(root) -> dict:
-    flag = f"{root}/hang-$(ip netns identify $$)"
+    # the check runs in the node's data directory (supervisord's directory=): a flag file there
+    # is per node without spawning anything (`ip netns identify` in every probe could itself take
+    # longer than the 0.4 s timeout on a loaded machine, and fall = 1)
+    flag = "hang"
     return {"name": "stuck", "kind": "command", "interval": 0.3, "timeout": STUCK_TIMEOUT, "fall": 1, "rise": 2,
             "vips": [OTHER], "command": ["sh", "-c", f"if [ -e {flag} ]; then exec sleep 1000; fi"]}
 
@@ -120,7 +123,7 @@ def sleepers(lc, node: str) -> list[int]:
 
 def test_a_hanging_command_check_fails_at_its_timeout_and_the_service_keeps_answering(lc):
     lc.wait_settled(60, expect={VIP: "n1", OTHER: "n2"})
-    flag = lc.root / f"hang-{lc.ns('n2')}"
+    flag = lc.cluster.member("n2").data_dir / "hang"
     flag.touch()
     try:
         t0 = time.monotonic()
