@@ -77,7 +77,9 @@ def principal_of(src: str, sc: str, me: str, member_roles: Mapping[str, str]) ->
     if sc.startswith(EXTERNAL_PREFIX):
         name = sc[len(EXTERNAL_PREFIX):].partition(".")[2] or "?"
         if name in member_roles:
-            return Principal(name, member_roles[name], local=(name == me))
+            # never local, even with this member's own key: "self" is this member's own
+            # processes over ipc; a key used over tcp (a copied bundle) is only that member
+            return Principal(name, member_roles[name])
         return Principal(name, ADMIN if name != "?" else None)
     return Principal(me, member_roles.get(me), local=True)
 
