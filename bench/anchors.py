@@ -26,6 +26,22 @@ import zmq
 HERE = os.path.abspath(__file__)
 
 
+def terminate_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every finally clause of a bench cleans up.
+
+    Only in this process: children that inherit the handler before they exec (pyroute2's netns
+    helpers are forked and ended with SIGTERM) keep the signal's default meaning."""
+    main_pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, handler)
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct tcp ports free on 127.0.0.1 right now."""
     socks = [socket.socket() for _ in range(n)]

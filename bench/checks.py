@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -246,15 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.rounds <= 100 or args.interval <= 0 or args.timeout <= 0 or args.fall < 1 or args.rise < 1:
         print("bench/checks.py: rounds 1..100, interval/timeout > 0, fall/rise >= 1", file=sys.stderr)
         return 2
-    main_pid = os.getpid()
-
-    def on_term(signum, frame):          # unwind like Ctrl-C so every finally cleans up
-        if os.getpid() != main_pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_term)
+    from anchors import terminate_on_sigterm   # bench/ is this script's directory
+    terminate_on_sigterm()
     rows = []
     try:
         rows.append(bench_ecluster(args, args.rounds))

@@ -384,23 +384,6 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _terminate_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so every finally clause cleans up.
-
-    Only in this process: pyroute2 forks helpers (netns handles) that inherit the handler and
-    are ended with SIGTERM; in them the signal keeps its default meaning.
-    """
-    main_pid = os.getpid()
-
-    def handler(signum, frame):
-        if os.getpid() != main_pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, handler)
-
-
 def ensure_keepalived() -> None:
     """Install keepalived and arping with apt-get when missing (once)."""
     missing = [t for t in ("keepalived", "arping") if shutil.which(t) is None]
@@ -955,7 +938,8 @@ def main(argv: list[str]) -> int:
     except BenchError as e:
         print(f"failover: {e}", file=sys.stderr)
         return 2
-    _terminate_on_sigterm()
+    from anchors import terminate_on_sigterm   # bench/ is this script's directory
+    terminate_on_sigterm()
     try:
         doc = run(args)
     except BenchError as e:

@@ -491,19 +491,6 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _terminate_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C in this process, so every finally clause cleans up."""
-    main_pid = os.getpid()
-
-    def handler(signum, frame):
-        if os.getpid() != main_pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, handler)
-
-
 def run_cmd(argv: list[str], timeout: float = 60, what: str | None = None) -> subprocess.CompletedProcess:
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if r.returncode != 0:
@@ -903,6 +890,12 @@ def _n(v, digits=2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _usage_row(label: str, role: str, c: dict, procs: str = ">6", sched_digits: int = 2) -> str:
+    """One line of the idle table: processes, PSS, CPU by ticks and by schedstat. Pure."""
+    return (f"  {label:<22}{role:<9}{c['processes']:{procs}}{c['pss_mb']:>9.1f}{c['cpu_pct']:>8.2f}"
+            f"{_n(c['sched_cpu_pct'], sched_digits):>9}")
+
+
 def format_report(doc: dict) -> str:
     meta = doc["meta"]
     lines = [f"footprint: idle ecluster members beside keepalived (preset {meta['preset']}, idle window "
@@ -934,15 +927,12 @@ def format_report(doc: dict) -> str:
                 extra = ""
                 if c["started_in_window"] or c["ended_in_window"]:
                     extra = f"   ({c['started_in_window']} started, {c['ended_in_window']} ended in the window)"
-                lines.append(f"  {name:<22}{c['role']:<9}{c['processes']:>6}{c['pss_mb']:>9.1f}{c['cpu_pct']:>8.2f}"
-                             f"{_n(c['sched_cpu_pct']):>9}{extra}")
+                lines.append(_usage_row(name, c["role"], c) + extra)
             for role, c in idle["roles"].items():
-                lines.append(f"  {'mean ' + role + ' (' + str(c['members']) + ')':<22}{role:<9}{c['processes']:>6.1f}"
-                             f"{c['pss_mb']:>9.1f}{c['cpu_pct']:>8.2f}{_n(c['sched_cpu_pct']):>9}")
+                lines.append(_usage_row(f"mean {role} ({c['members']})", role, c, procs=">6.1f"))
             k = idle.get("keepalived")
             if k:
-                lines.append(f"  {'keepalived (anchor)':<22}{'-':<9}{k['processes']:>6}{k['pss_mb']:>9.1f}"
-                             f"{k['cpu_pct']:>8.2f}{_n(k['sched_cpu_pct'], 3):>9}")
+                lines.append(_usage_row("keepalived (anchor)", "-", k, sched_digits=3))
             lines.append("  by program (mean over the members running it, most CPU first):")
             lines.append(f"    {'program':<14}{'members':>8}{'procs':>6}{'PSS MB':>9}{'CPU %':>8}{'sched %':>9}"
                          f"{'max CPU %':>11}  on")
@@ -1065,7 +1055,8 @@ def main(argv: list[str]) -> int:
     except BenchError as e:
         print(f"footprint: {e}", file=sys.stderr)
         return 2
-    _terminate_on_sigterm()
+    from anchors import terminate_on_sigterm   # bench/ is this script's directory
+    terminate_on_sigterm()
     try:
         doc = run(args)
     except BenchError as e:

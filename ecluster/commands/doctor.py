@@ -21,7 +21,7 @@ import struct
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterable
+from typing import Annotated, Iterable
 
 import typer
 
