@@ -11,10 +11,10 @@ PYTEST     := $(VENV)/bin/pytest -q -p no:cacheprovider --durations=25
 # swaks are the real MTA and SMTP client of the Postfix plug-in's tests
 SYS_TOOLS  := ip:iproute2 chromium:chromium spin:spin gcc:gcc postfix:postfix swaks:swaks \
               systemd-analyze:systemd
-BENCH_TOOLS := ip:iproute2 keepalived:keepalived arping:arping
+BENCH_TOOLS := ip:iproute2 keepalived:keepalived arping:arping corosync:corosync pacemakerd:pacemaker ocf-tester:resource-agents
 
 PHONY_EXTRA := benchdeps _install
-.PHONY: all setup sysdeps $(PHONY_EXTRA) test demo cli-docs bench soak chaos clean distclean
+.PHONY: all setup sysdeps $(PHONY_EXTRA) test demo cli-docs bench scale soak chaos clean distclean
 
 all: test
 
@@ -66,7 +66,12 @@ cli-docs: setup
 	$(PY) tools/gen_cli_docs.py
 
 bench: setup benchdeps
-	@for b in bench/*.py; do case $$b in */soak.py) continue;; esac; echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/*.py; do case $$b in */soak.py|*/scale.py) continue;; esac; echo "== $$b"; $(PY) $$b || exit 1; done
+
+# idle cost by cluster size (3, 5, 7, 9 members) and its model to 32 and 64 members (root),
+# e.g. make scale SCALE_ARGS="--quick" or SCALE_ARGS="--sizes 2+1,4+1 --window 10 --rounds 2"
+scale: setup benchdeps
+	$(PY) bench/scale.py $(SCALE_ARGS)
 
 # 10 minutes per preset with both cores busy: false failovers and memory growth
 soak: setup

@@ -7,7 +7,8 @@ Sockets::
     tcp    ROUTER  tcp://addr:bus_port      CURVE server: peer brokers and admin clients
     tcp    PUB     tcp://addr:pub_port      CURVE server: events to peer brokers
     per peer DEALER -> peer's tcp ROUTER    CURVE client, IMMEDIATE (a relinked one: see below)
-    per peer SUB    -> peer's tcp PUB       CURVE client, subscribed to everything
+    per peer SUB    -> peer's tcp PUB       CURVE client, subscribed to everything; its link is
+                                            the failure detector (below)
 
 Frames: a local client sends ``[envelope]`` (a call, cast or reply) or ``[topic,
 envelope]`` (an event, published as it is); the ROUTER puts the routing id in front.
@@ -27,6 +28,19 @@ Routing rules (pure: :func:`route_fields`):
     this broker or its peer started; a client between reconnects) waits in a bounded retry
     queue for up to ``REPLY_RETRY`` seconds, then is dropped and counted
     (``replies_dropped``). A request that cannot go out is answered with an error at once.
+
+Failure detection (formulas in :mod:`ecluster.timing`): libzmq pings every SUB link every
+probe interval P and drops it when nothing came back for ``link_timeout`` (ZMTP PING/PONG in
+libzmq's I/O threads: an idle cluster runs no Python for it), and retries a dropped link after
+``link_reconnect_ms``. A socket monitor on each SUB tells the broker when the link is up
+(handshake succeeded) or down (disconnected, handshake failed); every change goes at once to
+this member's services as the local event ``bus.link`` {peer, up, changes, boot, for}
+(``changes`` counts the link's changes since ``boot``, this broker's start), and ``bus.status``
+answers every link's state (membership takes it there when it starts). A relinked SUB (key
+rotation) keeps its link's state until its first handshake, or until RELINK_GRACE is over.
+
+Local-only events: ``membership.view`` (each member's services read their own member's view
+only) and ``bus.link`` go to the local PUB, never to peers.
 
 Trust: ipc clients are local processes behind a 0700 run directory; the broker stamps
 their member name into ``src`` and their routing id into ``sc`` (our client library sets
@@ -60,7 +74,9 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -80,7 +96,10 @@ from ecluster.timing import raise_priority
 log = logging.getLogger("ecluster.broker")
 
 BUS_SERVICE = "bus"          # the broker answers calls addressed to this service name
-HB_TOPIC = b"$hb"             # broker-to-broker heartbeat, never delivered to services
+HB_TOPIC = b"$hb"             # an older broker's heartbeat: ignored (libzmq pings the links now)
+LINK_TOPIC = "bus.link"       # local event: a peer link went up or down
+#: events of local clients that stay on this member (their subscribers are its own services)
+LOCAL_TOPICS = frozenset({b"membership.view", LINK_TOPIC.encode()})
 EXTERNAL_PREFIX = roles.EXTERNAL_PREFIX   # client ids of tcp clients (see bus.roles)
 MAX_IPC_PATH = 100            # AF_UNIX sun_path is 108 bytes; keep a margin
 RELINK_GRACE = 5.0            # s a relinked link queues calls while its peer switches keys
@@ -91,6 +110,8 @@ REPLY_RETRY = 1.0             # s a reply waits for its way back (link or client
 RETRY_EVERY = 0.005           # s between attempts while replies wait
 MAX_WAITING_REPLIES = 10_000  # bound of the retry queue; beyond it a failed reply is dropped at once
 BURST = 8                     # messages in a row after which a drain stops asking EVENTS first
+LINK_DOWN_EVENTS = frozenset({zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+                              zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_AUTH})
 MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                   | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -131,6 +152,12 @@ class PeerLink:
     monitor: zmq.Socket | None = None
     connected: bool = False
     grace_until: float = 0.0
+    # the SUB link, watched by ``sub_monitor``: the failure detector's input
+    sub_monitor: zmq.Socket | None = None
+    up: bool = False
+    changed_at: float = 0.0              # monotonic time of the last change of ``up``
+    changes: int = 0
+    quiet_until: float = 0.0             # a relinked SUB: downs ignored until then or its handshake
 
     def fails_fast(self, now: float) -> bool:
         """Should a message for this peer be refused at once (nobody connected)?"""
@@ -223,12 +250,20 @@ class Broker:
         self.started = time.time()
         self.pair = keymod.load(cluster.keys_dir, member)
         self.gate: transport.Gate | None = None
-        self.poller = zmq.Poller()
-        self._socks: dict[zmq.Socket, tuple[str, PeerLink]] = {}   # peer socket -> (role, link)
+        # one epoll over the sockets' ZMQ_FDs, not zmq_poll: zmq_poll asks every socket for its
+        # EVENTS on every wake-up (a syscall each), this asks only the ones that were signalled
+        self._epoll = select.epoll()
+        self._fds: dict[int, tuple[str, zmq.Socket, PeerLink | None]] = {}   # fd -> (role, socket, link)
+        self._again: dict[int, tuple] = {}  # to handle in the next round although not signalled
         self._endpoints: dict[str, str] = {}                        # tcp socket attr -> bound endpoint
         self._switch_at: float | None = None
         self._switch_to: keymod.KeyPair | None = None
         self._waiting: deque = deque()      # replies to retry: (give-up time, route, data)
+        # stop() writes here: the loop sleeps in poll until a message or a deadline, and a
+        # signal handler or another thread must still wake it
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
 
     # -- set-up -------------------------------------------------------------------
     def _bind(self) -> None:
@@ -292,30 +327,51 @@ class Broker:
             monitor = dealer.get_monitor_socket(MONITOR_EVENTS)
         dealer.connect(m.bus_endpoint)
         sub = transport.make_socket(self.ctx, zmq.SUB, 0)
-        transport.tcp_options(sub, self.timing)
+        transport.link_options(sub, self.timing)
         if relink:
             sub.setsockopt(zmq.RECONNECT_IVL, RELINK_RECONNECT_MS)
         transport.curve_client(sub, self.pair, server)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub_monitor = sub.get_monitor_socket(MONITOR_EVENTS)
         sub.connect(m.pub_endpoint)
+        now = time.monotonic()
         link = PeerLink(name, dealer, sub, monitor=monitor,
-                        grace_until=time.monotonic() + RELINK_GRACE if relink else 0.0)
+                        grace_until=now + RELINK_GRACE if relink else 0.0,
+                        sub_monitor=sub_monitor, changed_at=now,
+                        quiet_until=now + RELINK_GRACE if relink else 0.0)
         self.peers[name] = link
         return link
 
+    def _register(self, role: str, sock, link: PeerLink | None = None) -> None:
+        fd = sock.getsockopt(zmq.FD) if isinstance(sock, zmq.Socket) else sock.fileno()
+        self._epoll.register(fd, select.EPOLLIN)
+        self._fds[fd] = (role, sock, link)
+        # what arrived before now has not signalled the fd (libzmq signals a reader that
+        # found its pipe empty): look at it in the next round whether or not it fires
+        self._again[fd] = (role, sock, link)
+
+    def _unregister(self, sock: zmq.Socket) -> None:
+        for fd, (_, s, _) in list(self._fds.items()):
+            if s is sock:
+                self._epoll.unregister(fd)
+                del self._fds[fd]
+
     def _watch(self, link: PeerLink) -> None:
-        for role, sock in (("sub", link.sub), ("dealer", link.dealer), ("monitor", link.monitor)):
+        # not its DEALER: peers never send on it (replies come on our ROUTER)
+        for role, sock in (("sub", link.sub), ("monitor", link.monitor), ("sub_monitor", link.sub_monitor)):
             if sock is not None:
-                self.poller.register(sock, zmq.POLLIN)
-                self._socks[sock] = (role, link)
+                self._register(role, sock, link)
 
     def _unwatch_and_close(self, link: PeerLink) -> None:
-        for sock, linger in ((link.sub, 0), (link.dealer, 200), (link.monitor, 0)):
+        for sock, linger in ((link.sub, 0), (link.dealer, 200), (link.monitor, 0), (link.sub_monitor, 0)):
             if sock is None:
                 continue
-            if sock in self._socks:
-                self.poller.unregister(sock)
-                del self._socks[sock]
+            self._unregister(sock)
+            if sock is link.sub and link.sub_monitor is not None:
+                try:
+                    sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
             if sock is link.dealer and link.monitor is not None:
                 try:
                     sock.disable_monitor()
@@ -335,6 +391,8 @@ class Broker:
             return
         if old is not None:
             link.last_heard, link.events = old.last_heard, old.events
+            # the peer is as up as it was: the new SUB's handshake (or its grace) decides next
+            link.up, link.changed_at, link.changes = old.up, old.changed_at, old.changes
             self._unwatch_and_close(old)
         self._watch(link)
         log.info("relinked to %s", name)
@@ -349,6 +407,44 @@ class Broker:
                 link.connected = True
             elif event != zmq.EVENT_MONITOR_STOPPED:
                 link.connected = False
+
+    def _on_sub_monitor(self, link: PeerLink) -> None:
+        while link.sub_monitor is not None and not link.sub_monitor.closed:
+            try:
+                event = recv_monitor_message(link.sub_monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                link.quiet_until = 0.0
+                self._set_link(link, True)
+            elif event in LINK_DOWN_EVENTS and time.monotonic() >= link.quiet_until:
+                self._set_link(link, False)
+
+    def _end_quiet(self, now: float) -> None:
+        """A relinked SUB whose grace ended without a handshake: its peer is down now."""
+        for link in self.peers.values():
+            if link.quiet_until and now >= link.quiet_until:
+                link.quiet_until = 0.0
+                self._set_link(link, False)
+
+    def _set_link(self, link: PeerLink, up: bool) -> None:
+        """Record a link state; tell this member's services when it changed."""
+        if link.up == up:
+            return
+        link.up, link.changed_at = up, time.monotonic()
+        link.changes += 1
+        log.info("link to %s %s", link.name, "up" if up else "down")
+        body = {"peer": link.name, "up": up, "changes": link.changes, "boot": self.started, "for": 0.0}
+        try:
+            send_frames(self.local_pub, [LINK_TOPIC.encode(), ch.pack_event(LINK_TOPIC, body, self.me.name)])
+        except zmq.Again:
+            pass
+
+    def links(self) -> dict:
+        """Every peer link: up, how many changes, seconds since the last one."""
+        now = time.monotonic()
+        return {p.name: {"up": p.up, "changes": p.changes, "for": round(now - p.changed_at, 3)}
+                for p in self.peers.values()}
 
     def _rebind(self, pair: keymod.KeyPair) -> None:
         """Serve the tcp sockets with ``pair`` from now on, and link out with it."""
@@ -378,15 +474,20 @@ class Broker:
         for p in self.peers.values():
             if p.monitor is not None:
                 p.monitor.close(linger=0)
+            if p.sub_monitor is not None:
+                p.sub_monitor.close(linger=0)
             p.dealer.close(linger=0)
             p.sub.close(linger=0)
         self.peers.clear()
-        self._socks.clear()
+        self._fds.clear()
+        self._epoll.close()
         if self.gate is not None:
             self.gate.stop()
             self.gate = None
         if self._own_ctx:
             self.ctx.term()
+        self._wake_r.close()
+        self._wake_w.close()
         for ep in (self.me.ipc_router, self.me.ipc_pub):
             try:
                 os.unlink(ep[len("ipc://"):])
@@ -394,68 +495,86 @@ class Broker:
                 pass
 
     def stop(self) -> None:
+        """End :meth:`run` soon; safe from a signal handler or another thread."""
         self._stop = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
 
     # -- main loop ----------------------------------------------------------------
     def run(self) -> None:
         self._bind()
-        poller = self.poller
-        poller.register(self.ipc_router, zmq.POLLIN)
-        poller.register(self.tcp_router, zmq.POLLIN)
+        self._register("ipc", self.ipc_router)
+        self._register("tcp", self.tcp_router)
+        self._register("wake", self._wake_r)
         for p in self.peers.values():
-            self._watch(p)      # its dealer too: peers never reply on it, but drain anyway
-        hb_every = self.timing.zmq_heartbeat_ivl_ms / 1000 / 2
-        next_hb = 0.0
-        ipc_router, tcp_router = self.ipc_router, self.tcp_router
+            self._watch(p)
+        ipc_router, tcp_router, wake_r = self.ipc_router, self.tcp_router, self._wake_r
         log.info("broker %s up: %s %s", self.me.name, self.me.bus_endpoint, self.me.pub_endpoint)
         try:
             while not self._stop:
                 now = time.monotonic()
-                if now >= next_hb:
-                    self._heartbeat()
-                    next_hb = now + hb_every
                 if self._switch_at is not None and now >= self._switch_at:
                     self._switch_at = None
                     self._rebind(self._switch_to or self.pair)
                 if self._waiting:
                     self._retry_replies(now)
-                wake = next_hb if self._switch_at is None else min(next_hb, self._switch_at)
+                wake = self._switch_at
+                if any(p.quiet_until for p in self.peers.values()):
+                    self._end_quiet(now)
+                    quiet = [p.quiet_until for p in self.peers.values() if p.quiet_until]
+                    if quiet:
+                        wake = min(quiet) if wake is None else min(wake, *quiet)
                 if self._waiting:
-                    wake = min(wake, now + RETRY_EVERY)
-                try:
-                    ready = poller.poll(max(0, int((wake - now) * 1000)))
-                except zmq.ZMQError as e:
-                    if e.errno == zmq.EINTR:
+                    wake = now + RETRY_EVERY if wake is None else min(wake, now + RETRY_EVERY)
+                # nothing to do until a message or the next deadline: no idle wake-ups
+                timeout = 0 if self._again else (-1 if wake is None else max(0.0, wake - now) + 0.001)
+                fired = {fd: self._fds[fd] for fd, _ in self._epoll.poll(timeout) if fd in self._fds}
+                fired.update(self._again)
+                self._again = again = {}
+                for role, sock, p in fired.values():
+                    if role == "wake":
+                        try:
+                            wake_r.recv(64)
+                        except OSError:
+                            pass
+                    elif sock.closed:                      # replaced by a relink in this round
                         continue
-                    raise
-                for sock, _ in ready:
-                    if sock is ipc_router:
-                        self._drain(sock, self._from_local)
+                    elif sock is ipc_router:
+                        if self._drain(sock, self._from_local):
+                            again[-1] = (role, sock, p)
                     elif sock is tcp_router:
-                        self._drain(sock, self._from_tcp, copy=False)     # zmq.Frames: User-Id
-                    else:
-                        role, p = self._socks.get(sock, (None, None))
-                        if p is None or sock.closed:     # replaced by a relink in this round
-                            continue
-                        if role == "sub":
-                            self._drain(sock, lambda frames, p=p: self._from_peer_pub(p, frames))
-                        elif role == "monitor":
-                            self._on_monitor(p)
-                        else:
-                            self._drain(sock, lambda frames: None)
+                        if self._drain(sock, self._from_tcp, copy=False):     # zmq.Frames: User-Id
+                            again[-2] = (role, sock, p)
+                    elif role == "sub":
+                        if self._drain(sock, lambda frames, p=p: self._from_peer_pub(p, frames)):
+                            again[id(sock)] = (role, sock, p)
+                    elif role == "sub_monitor":
+                        self._on_sub_monitor(p)
+                    elif role == "monitor":
+                        self._on_monitor(p)
+                # a send on a ROUTER may have taken the signal of a message that arrived on it
+                # meanwhile (libzmq handles the socket's commands on send too): look once more
+                for key, role, sock, handler, copy in ((-1, "ipc", ipc_router, self._from_local, True),
+                                                       (-2, "tcp", tcp_router, self._from_tcp, False)):
+                    if key not in again and self._drain(sock, handler, copy=copy):
+                        again[key] = (role, sock, None)
         finally:
             self.close()
 
-    def _drain(self, sock: zmq.Socket, handler, copy: bool = True, limit: int = 2000) -> None:
-        """Handle up to ``limit`` waiting messages of ``sock`` (a poll said it is readable)."""
+    def _drain(self, sock: zmq.Socket, handler, copy: bool = True, limit: int = 2000) -> bool:
+        """Handle up to ``limit`` waiting messages of ``sock`` (its fd was signalled); True
+        when it stopped at the limit (more may wait: the caller comes back at once, since
+        the fd will not be signalled again for them)."""
         for i in range(limit):
             if sock.closed:            # a handler relinked (bus.relink) the socket away
-                return
-            # the first message: the poll said so; within a burst: just try (the one
-            # zmq.Again at its end costs less than asking EVENTS before every message)
-            frames = recv_frames(sock, copy, i == 0 or i >= BURST)
+                return False
+            # within a burst just try (the one zmq.Again at its end costs less than asking
+            # EVENTS before every message); the first one asks: a signal is not a message
+            frames = recv_frames(sock, copy, i >= BURST)
             if frames is None:
-                return
+                return False
             try:
                 handler(frames)
             except ch.BadMessage:
@@ -463,12 +582,7 @@ class Broker:
             except Exception:  # never let one message kill the broker
                 self.counters.malformed += 1
                 log.exception("dropping a message that broke the handler")
-
-    def _heartbeat(self) -> None:
-        try:
-            send_frames(self.cluster_pub, [HB_TOPIC, self.me.name.encode()])
-        except zmq.Again:
-            pass
+        return True
 
     # -- inbound ------------------------------------------------------------------
     def _from_local(self, frames: list[bytes]) -> None:
@@ -479,7 +593,8 @@ class Broker:
             # shape (channel) and the src was stamped by the client library of a local process.
             out = frames[1:]
             send_frames(self.local_pub, out)
-            send_frames(self.cluster_pub, out)
+            if out[0] not in LOCAL_TOPICS:
+                send_frames(self.cluster_pub, out)
             self.counters.events_local += 1
             return
         if n != 2:
@@ -497,7 +612,8 @@ class Broker:
         if d["k"] == "pub":
             topic = d["t"].encode()
             send_frames(self.local_pub, [topic, data])
-            send_frames(self.cluster_pub, [topic, data])
+            if topic not in LOCAL_TOPICS:
+                send_frames(self.cluster_pub, [topic, data])
             self.counters.events_local += 1
             return
         self._dispatch(d, data)
@@ -537,8 +653,8 @@ class Broker:
         if len(frames) != 2:
             raise ch.BadMessage("event with wrong frame count")
         topic, data = frames
-        if topic == HB_TOPIC:
-            return
+        if topic == HB_TOPIC or topic in LOCAL_TOPICS:
+            return                       # an older broker's heartbeat; nobody else's local news
         # Only what says who sent it is checked here (kind, src, topic); every subscriber
         # decodes and checks the whole envelope anyway (the channel).
         d = ch.header(data) if len(data) > HEADER_ONLY_ABOVE else ch.unpack_raw(data)
@@ -686,6 +802,8 @@ class Broker:
                 "uptime": round(time.time() - self.started, 3), "pid": os.getpid(),
                 "counters": self.counters.as_dict(),
                 "replies_waiting": len(self._waiting),
+                "boot": self.started,
+                "links": self.links(),
                 "peers": {p.name: {"heard_ago": None if not p.last_heard else round(now - p.last_heard, 3),
                                    "events": p.events,
                                    "relinked": p.monitor is not None,

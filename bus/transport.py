@@ -59,6 +59,19 @@ def tcp_options(sock: zmq.Socket, timing: Timing) -> None:
     sock.setsockopt(zmq.CONNECT_TIMEOUT, timing.connect_timeout_ms)
 
 
+def link_options(sock: zmq.Socket, timing: Timing) -> None:
+    """:func:`tcp_options` for a peer SUB link, which is also the failure detector: pinged
+    every probe interval, dropped after ``link_timeout`` of silence, retried after
+    ``link_reconnect_ms`` (see :mod:`ecluster.timing`)."""
+    tcp_options(sock, timing)
+    timeout_ms = max(1, round(timing.link_timeout * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_IVL, timing.link_ping_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
+    # the peer's side drops us after this much silence from us (libzmq: 100 ms units)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, -(-timeout_ms // 100) * 100))
+    sock.setsockopt(zmq.RECONNECT_IVL, timing.link_reconnect_ms)
+
+
 def make_socket(ctx: zmq.Context, kind: int, linger_ms: int = 0) -> zmq.Socket:
     return _common(ctx.socket(kind), linger_ms)
 

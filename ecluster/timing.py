@@ -5,11 +5,30 @@ by the formulas below, so that the safety argument of docs/ELECTION.md can be
 checked against one table instead of constants scattered through services.
 
 Base figures (seconds):
-  probe_interval  P   how often membership sends a heartbeat to every member
+  probe_interval  P   how often a member's broker pings every peer (a ZMTP PING on its link,
+                      answered by the peer's libzmq I/O thread: no Python runs for it)
   suspect_after   S   silence after which a member is *suspected* (S = k_s * P)
   dead_after      D   silence after which a suspect is declared *dead* (D = S + k_d * P)
   lease           L   how long a VIP lease granted by the coordinator lasts
   max_drift           bound on clock-rate drift between members (fraction)
+
+Failure detection (services.membership, bus.broker): every broker keeps one SUB link to each
+peer's PUB, pinged every P by libzmq, which tears the link down when nothing came back for
+link_timeout T after a ping; the broker reports every link change at once (``bus.link``), and
+membership classifies from how long a link has been down:
+  link_timeout       T = S - P       a silent peer's link drops at silence in [T, T + P] = [S - P, S]
+  link_suspect_after   = P           down this long: suspect (silence about S; a link that a
+                                     peer's rebind dropped is back within ~20 ms, see below)
+  link_dead_after      = D - T       down this long: dead (silence about D, as before)
+  link_reconnect_ms    = 10          a dropped link is retried after 10 ms, backing off to
+                                     reconnect_ivl_max: a live peer is back long before suspicion
+  member_hb_every      = min(1 s, 10 P)  the membership services' own heartbeat (incarnation,
+                                     role, and proof that the peer's Python is not hung)
+  hung_after           = 3 member_hb_every + D
+                                     link up but no membership heartbeat for this long: dead
+                                     (a hung member, or one whose membership service is down)
+A killed process closes its connections, so its peers see the link drop at once: death by
+crash is known after link_dead_after, death of a host or a cut link after about D.
 
 Derived:
   renew_every     = L / 3           holder renews well before expiry; two renewals may be lost
@@ -116,6 +135,34 @@ class Timing:
         return self.dead_after / 3
 
     @property
+    def link_ping_ms(self) -> int:
+        return max(1, round(self.probe_interval * 1000))
+
+    @property
+    def link_timeout(self) -> float:
+        return self.suspect_after - self.probe_interval
+
+    @property
+    def link_suspect_after(self) -> float:
+        return self.probe_interval
+
+    @property
+    def link_dead_after(self) -> float:
+        return self.dead_after - self.link_timeout
+
+    @property
+    def link_reconnect_ms(self) -> int:
+        return 10
+
+    @property
+    def member_hb_every(self) -> float:
+        return min(1.0, 10 * self.probe_interval)
+
+    @property
+    def hung_after(self) -> float:
+        return 3 * self.member_hb_every + self.dead_after
+
+    @property
     def owner_penalty(self) -> float:
         return max(10.0, 10 * self.anti_flap)
 
@@ -130,7 +177,9 @@ class Timing:
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         for derived in ("renew_every", "handover_wait", "election_timeout", "new_term_wait",
-                        "struggle_after", "report_refresh", "owner_penalty", "owner_penalty_max", "lapse_window"):
+                        "struggle_after", "report_refresh", "link_ping_ms", "link_timeout",
+                        "link_suspect_after", "link_dead_after", "link_reconnect_ms", "member_hb_every",
+                        "hung_after", "owner_penalty", "owner_penalty_max", "lapse_window"):
             d[derived] = round(getattr(self, derived), 6)
         return d
 

@@ -172,15 +172,19 @@ def test_no_member_key_cannot_call(bus3, ctx, tmp_path, curve):
 @pytest.mark.parametrize("curve", [True, False], ids=["foreign-key", "no-curve"])
 def test_no_member_key_cannot_subscribe(bus3, ctx, tmp_path, curve):
     """A SUB on n1's cluster PUB gets nothing without a key, while the admin key's SUB gets
-    the broker heartbeats and the events published meanwhile."""
+    the events published meanwhile (by a local client of n1: an idle broker sends nothing)."""
     cluster = bus3
     bad = raw_socket(ctx, zmq.SUB, cluster, "n1", stranger_pair(tmp_path) if curve else None, "pub")
     good = raw_socket(ctx, zmq.SUB, cluster, "n1", keymod.load(cluster.keys_dir, keymod.ADMIN), "pub")
     for s in (bad, good):
         s.setsockopt(zmq.SUBSCRIBE, b"")
     counts = {"good": 0, "bad": 0}
+    local = ctx.socket(zmq.DEALER)
+    local.setsockopt(zmq.LINGER, 0)
+    local.connect(cluster.member("n1").ipc_router)
 
     def drain():
+        local.send_multipart([b"test.pubcheck", ch.pack_event("test.pubcheck", {}, "n1")])
         for name, s in (("good", good), ("bad", bad)):
             while s.poll(0):
                 s.recv_multipart()
