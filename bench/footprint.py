@@ -158,7 +158,10 @@ def split_cmdline(raw: bytes | str) -> list[str]:
     """/proc/PID/cmdline (NUL-separated, NUL-terminated) -> argv. Pure."""
     if isinstance(raw, bytes):
         raw = raw.decode(errors="replace")
-    return [a for a in raw.split("\0") if a]
+    args = [a for a in raw.split("\0") if a]
+    if len(args) == 1 and " " in args[0]:
+        args = args[0].split()       # a title set by setproctitle (node.zygote's children)
+    return args
 
 
 _VALUE_OPTIONS = {"--keys", "--identity", "--config", "-c", "--member", "-m", "--node", "-n", "--manager"}
@@ -185,7 +188,7 @@ def program_name(argv: list[str]) -> str:
     if not argv:
         return "?"
     names = [os.path.basename(a) for a in argv[:2]]
-    if "supervisord" in names:
+    if "supervisord" in names or "node.zygote" in argv[:3]:
         return "supervisord"
     entry = next((e for e in ("ecluster.cli", "node.program") if e in argv), None)
     if entry:

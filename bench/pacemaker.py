@@ -46,11 +46,14 @@ Figures (the same definitions as bench/failover.py and bench/footprint.py):
             children, the whoami) and its eth0 set down; failover = the first answer by another
             node (earliest answer to an attempt started after the kill) minus the kill instant
             (tests/probe_analysis). "membership" is when a survivor's corosync logged the new
-            membership without the dead node. Then the node is restored like a reboot (the VIP
+            membership without the dead node, "IPaddr2 started" when the new holder's pacemaker
+            logged the start's result (both s after the kill). Then the node is restored like a reboot (the VIP
             address it still had is removed, link up, fresh holder, corosync, pacemakerd):
             "restore" = seconds until it is online again, the VIP back on it (crm_mon) and the
             client answered by it; the next round kills it again. Median, p50 (nearest rank)
-            and max over the rounds.
+            and max over the rounds. "unplanned membership losses": new memberships in node2's
+            corosync log (node2 is never killed) that dropped a member the bench did not kill
+            (token too short for the machine's load).
   footprint one idle node of the default profile, each node over the same window (default 30 s)
             starting 5 s after the cluster settled with the VIP on node1: corosync + pacemakerd
             and all its descendants (bench/footprint.py's sample_tree / tree_cost): processes,
@@ -412,7 +415,8 @@ def format_report(doc: dict) -> str:
                 lines.append(f"  round {r['round']}: FAILED: {r['error']}")
                 continue
             dc = " (the DC)" if r.get("dc_before") == r["killed"] else ""
-            lines.append(f"  round {r['round']}: failover {_f(r['failover_s'])} ({r['killed']}{dc} -> {r['new_owner']}; "
+            lines.append(f"  round {r['round']}: failover {_f(r['failover_s'])} "
+                         f"({r['killed']}{dc} -> {r['new_owner']}; "
                          f"membership {_f(r.get('membership_s'))}, IPaddr2 started {_f(r.get('vip_started_s'))}, "
                          f"{r.get('failed_probes', 0)} failed probes); "
                          f"restore {_f(r.get('restore_s'), ' s', 1)}")
@@ -433,7 +437,8 @@ def format_report(doc: dict) -> str:
             for node, c in fpr["nodes"].items():
                 top = sorted(c["programs"].items(), key=lambda kv: -kv[1]["cpu_pct"])[:3]
                 lines.append(f"  {node}{' (VIP)' if node == fpr.get('vip_on') else ''}: {c['processes']} processes, "
-                             f"PSS {c['pss_mb']:.1f} MB, CPU {c['cpu_pct']:.2f} % (sched {_f(c['sched_cpu_pct'], ' %', 2)})"
+                             f"PSS {c['pss_mb']:.1f} MB, CPU {c['cpu_pct']:.2f} % "
+                             f"(sched {_f(c['sched_cpu_pct'], ' %', 2)})"
                              f"; most CPU: " + ", ".join(f"{k} {p['cpu_pct']:.2f} %" for k, p in top))
             w = fpr["worst"]
             lines.append(f"  one node (worst): {w['processes']} processes, PSS {w['pss_mb']:.1f} MB, "
@@ -518,6 +523,11 @@ def _subreaper(on: bool | None = None) -> bool:
         return False
 
 
+def _uptime_ticks() -> int:
+    """Now, in clock ticks after boot (the unit of /proc/PID/stat's starttime)."""
+    return int(float(fp._read("/proc/uptime").split()[0]) * fp.CLK_TCK) - 1
+
+
 class Procs:
     """Every subprocess this bench started (Popen) and how it is stopped: by PID, and every
     process found in one of the bench's namespaces, SIGKILLed and reaped."""
@@ -566,6 +576,31 @@ class Procs:
             if left:
                 time.sleep(0.02)
         self.forget_dead()
+
+    def reap_orphans(self, since_ticks: int, settle: float = 1.0) -> int:
+        """Reap zombie children of this process that started at or after ``since_ticks`` (clock
+        ticks after boot) and are none of our Popens: orphans of the lab's daemons reparented to
+        us (the subreaper) after the kill sweep, e.g. a resource agent's subshell that exited
+        between two scans. Waits ``settle`` s for late ones. How many were reaped."""
+        me, n = os.getpid(), 0
+        deadline = time.monotonic() + settle
+        while True:
+            for e in os.listdir("/proc"):
+                if not e.isdigit() or int(e) in self.popens:
+                    continue
+                try:
+                    st = fp.parse_stat(fp._read(f"/proc/{e}/stat"))
+                except (OSError, ValueError):
+                    continue
+                if st.ppid == me and st.state == "Z" and st.starttime >= since_ticks:
+                    try:
+                        os.waitpid(st.pid, os.WNOHANG)
+                        n += 1
+                    except ChildProcessError:
+                        pass
+            if time.monotonic() >= deadline:
+                return n
+            time.sleep(0.1)
 
     def forget_dead(self) -> None:
         for pid, p in list(self.popens.items()):
@@ -1065,6 +1100,7 @@ def measure(rounds: int = DEFAULT_ROUNDS, window: float = DEFAULT_WINDOW_S,
                           "monitor_interval": MONITOR_INTERVAL, "preference": f"{PREFERRED}={PREFERENCE_SCORE}",
                           "properties": {n: v for _, n, v in CLUSTER_PROPERTIES}},
                  "profiles": {}, "footprint": None}
+    since_ticks = _uptime_ticks()
     was_subreaper = _subreaper(True)
     work = Path(tempfile.mkdtemp(prefix=f"pcm{os.getpid()}-"))
     os.chmod(work, 0o755)
@@ -1114,6 +1150,7 @@ def measure(rounds: int = DEFAULT_ROUNDS, window: float = DEFAULT_WINDOW_S,
         except BenchError as e:
             failure = failure or f"cleanup: {e}"
         procs.stop_all()
+        procs.reap_orphans(since_ticks)
         _subreaper(was_subreaper)
         if os.environ.get("PCM_KEEP"):
             log(f"kept {work}")

@@ -237,6 +237,15 @@ _ids = itertools.count(1)
 _prefix = os.urandom(4).hex()
 
 
+def _new_prefix() -> None:
+    global _prefix
+    _prefix = os.urandom(4).hex()
+
+
+# a program forked from a pre-imported parent (node.zygote) must not reuse its ids
+os.register_at_fork(after_in_child=_new_prefix)
+
+
 def new_id() -> str:
     """Unique per process run; cheap (no uuid per message)."""
     return f"{_prefix}{next(_ids):x}"

@@ -36,9 +36,14 @@ Derived:
                     a coordinator that moves an address away from a holder it cannot
                     reach waits this long after the holder's last grant before granting
                     it elsewhere, so the old holder's lease has run out on its own clock.
-  election_timeout = D              a member stands for coordinator after hearing nothing
-                                    from a coordinator for as long as it takes to declare it dead
-                                    (after a pre-vote: no term is bumped without a majority's yes).
+  election_timeout = D              the random part of a candidacy's delay: a follower stands
+                                    within U(0, D) of seeing the coordinator's member not alive in
+                                    its membership view (after a pre-vote: no term is bumped
+                                    without a majority's yes).
+  leader_timeout  = hung_after      ... or after hearing no election.assignment for this long
+                                    while the member looks alive (its election service hung or
+                                    gone). Stickiness: a voter refuses votes while the coordinator
+                                    is alive in its view and was heard within leader_timeout.
   reconnect_ivl_max = max(r, min(10 r, D / 4))
                                     zmq's reconnect back-off (r = reconnect_ivl; libzmq adds a
                                     random [0, r) to every wait): links come back within
@@ -56,14 +61,15 @@ Derived:
                                     (node.vipcore.HoldRecord); so does one that lost it twice
                                     within lapse_window (60 s) while still assigned.
   owner_penalty   = max(10 s, 10 anti_flap), doubling up to 12 x when it happens again.
-  report_refresh  = D / 3           a periodic report that did not change (the coordinator's
+  report_refresh  = member_hb_every a periodic report that did not change (the coordinator's
                                     election.assignment, each node's vip.status) is sent again
                                     this often; a changed one goes at once (within P, the tick
-                                    that computes it). Three copies per failure-detection
-                                    period: a follower stands only after D of silence from the
-                                    coordinator, and a vip.status counts as fresh for 3 D.
-                                    Idle cost: per member and second, 3/D instead of 1/P
-                                    messages of each (lan 4.3 instead of 10), times its peers.
+                                    that computes it). Nobody reads a member's death from these
+                                    any more (membership does, within about D), so they only
+                                    have to show that the service behind them runs.
+  report_fresh    = max(3 D, 3 report_refresh)
+                                    a vip.status or health.status counts this long (two copies
+                                    may be lost).
 
 Why failover is fast although leases are safe: a holder that is *alive* but partitioned
 stops renewing and unplumbs at L (own clock); the majority side declares it dead at D
@@ -123,6 +129,14 @@ class Timing:
         return self.dead_after
 
     @property
+    def leader_timeout(self) -> float:
+        return self.hung_after
+
+    @property
+    def report_fresh(self) -> float:
+        return max(3 * self.dead_after, 3 * self.report_refresh)
+
+    @property
     def new_term_wait(self) -> float:
         return self.handover_wait
 
@@ -132,7 +146,7 @@ class Timing:
 
     @property
     def report_refresh(self) -> float:
-        return self.dead_after / 3
+        return self.member_hb_every
 
     @property
     def link_ping_ms(self) -> int:
@@ -177,7 +191,7 @@ class Timing:
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         for derived in ("renew_every", "handover_wait", "election_timeout", "new_term_wait",
-                        "struggle_after", "report_refresh", "link_ping_ms", "link_timeout",
+                        "struggle_after", "report_refresh", "report_fresh", "leader_timeout", "link_ping_ms", "link_timeout",
                         "link_suspect_after", "link_dead_after", "link_reconnect_ms", "member_hb_every",
                         "hung_after", "owner_penalty", "owner_penalty_max", "lapse_window"):
             d[derived] = round(getattr(self, derived), 6)

@@ -4,7 +4,10 @@
 
 1. takes the data-directory lock (:mod:`node.datadir`) so a second runner refuses,
 2. writes ``<data_dir>/run/supervisord.conf`` from :func:`supervisor_conf` (pure),
-3. runs the venv's ``supervisord -n -c`` as its child and forwards SIGTERM/SIGINT to it.
+3. becomes supervisord (exec ``python -m node.zygote -n -c``: supervisord forking our programs
+   from pre-imported pages, see :mod:`node.zygote`; its programs get SIGTERM if it dies). With
+   ECLUSTER_NO_ZYGOTE=1 it runs plain ``supervisord -n -c`` as its child instead and forwards
+   SIGTERM/SIGINT to it.
 
 supervisord starts the broker first (priority 10), then every service that runs on the
 member, plug-ins included (priority 20), and restarts any of them that dies. The lock's
@@ -200,6 +203,14 @@ def run_member(cluster: Cluster, member: str, config_path: Path | str | None = N
         tmp = conf.with_suffix(".tmp")
         tmp.write_text(text)
         os.replace(tmp, conf)
+        if os.environ.get("ECLUSTER_NO_ZYGOTE") != "1":
+            # this process becomes supervisord (node.zygote: it forks our programs from pages
+            # imported once), holding the lock's fd: one process fewer waiting for the member's
+            # life, and signals and the exit status are supervisord's own
+            os.set_inheritable(lock.fd, True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, "-m", "node.zygote", "-n", "-c", str(conf)])
         child = subprocess.Popen([supervisord, "-n", "-c", str(conf)], pass_fds=(lock.fd,),
                                  preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
 

@@ -402,7 +402,7 @@ class ConfigSyncService(Service):
         self.git_lock = asyncio.Lock()          # one git operation at a time (GitPython is not thread-safe)
         self.propose_lock = asyncio.Lock()      # coordinator: one proposal (or term start) at a time
         self.commit_timeout = float(self.config.get("commit_timeout", COMMIT_TIMEOUT))
-        self.coord_stale_after = max(1.0, 3 * t.election_timeout)
+        self.coord_stale_after = max(1.0, t.leader_timeout)      # assignments come every report_refresh
         # the coordinator as the election announces it
         self.coordinator: str | None = None
         self.coord_term = 0

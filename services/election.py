@@ -5,13 +5,16 @@ one manager make a valid cluster). It plays two roles; docs/ELECTION.md gives th
 protocol and the argument why no VIP can have two holders.
 
 1. Coordinator election (Raft's election without a log). Durable ``term`` and
-   ``voted_for`` in ``<data_dir>/election.json``. A voter that has heard nothing from a
-   coordinator for ``election_timeout`` (+ jitter) stands: term+1, votes for itself, asks
-   every voter. A voter grants at most one vote per term, and none at all while it still
-   hears a live coordinator (stickiness, so a member that merely lost its link cannot
-   depose a working coordinator). A majority of the configured voters makes a
-   coordinator; it computes ``election.assignment`` every probe interval and publishes it
-   when it changes and every ``report_refresh`` (D/3) otherwise, which is also its heartbeat. A coordinator whose membership view shows no majority alive steps down.
+   ``voted_for`` in ``<data_dir>/election.json``. A voter stands (term+1, votes for itself,
+   asks every voter) within U(0, ``election_timeout``) of its membership view showing the
+   coordinator's member not alive, or after ``leader_timeout`` without an assignment (the
+   coordinator's election service hung or gone). A voter grants at most one vote per term,
+   and none at all while the coordinator is alive in its view and was heard within
+   ``leader_timeout`` (stickiness, so a member that merely lost its link cannot depose a
+   working coordinator). A majority of the configured voters makes a coordinator; it
+   computes ``election.assignment`` every probe interval and publishes it when it changes
+   and every ``report_refresh`` otherwise (formulas: :mod:`ecluster.timing`). A coordinator
+   whose membership view shows no majority alive steps down.
 
 2. VIP leases by quorum (the safety mechanism). A node may hold a VIP only while a
    majority of voters have *promised* it to that node. Each voter keeps at most one
@@ -106,7 +109,7 @@ class ElectionService(Service):
         # owners that are alive but cannot keep their VIP (a slow link): passed over for a while
         self.hold_record = HoldRecord(t.struggle_after, t.lapse_window, 2, t.owner_penalty, t.owner_penalty_max)
         # every node's health.status (node/health.py): fresh as long as vip.status is for candidates()
-        self.health = HealthBook(3 * t.dead_after, t.anti_flap)
+        self.health = HealthBook(t.report_fresh, t.anti_flap)
 
     # -- persistence ----------------------------------------------------------------
     def _load(self) -> None:
@@ -145,10 +148,30 @@ class ElectionService(Service):
         self.log.info("election up: term %d, voters %s, quorum %d", self.term, self.voters, self.quorum)
 
     def _reset_election_deadline(self, now: float, backoff: int = 0) -> None:
-        """Stand at ``election_timeout`` + a random part; ``backoff`` (candidacies lost in a
-        row) widens the random part, so candidates that split the vote rarely collide again."""
+        """Stand after ``leader_timeout`` + a random part unless news comes first (an
+        assignment, or the coordinator leaving the membership view: :meth:`_leader_lost`);
+        ``backoff`` (candidacies lost in a row) widens the random part, so candidates that
+        split the vote rarely collide again."""
+        self.election_deadline = now + self.timing.leader_timeout + self._jitter(backoff)
+
+    def _jitter(self, backoff: int = 0) -> float:
         et = self.timing.election_timeout
-        self.election_deadline = now + et + random.uniform(0, et * min(4, 1 + backoff))
+        return random.uniform(0, et * min(4, 1 + backoff))
+
+    def _leader_alive(self, now: float) -> bool:
+        """Is there a coordinator we still hear: alive in our membership view, and its
+        assignment heard within ``leader_timeout``?"""
+        if self.leader is None or now - self.leader_heard >= self.timing.leader_timeout:
+            return False
+        if self.leader == self.member.name:
+            return True
+        return self.view.get("members", {}).get(self.leader, {}).get("state") == "alive"
+
+    def _leader_lost(self, now: float) -> None:
+        """The coordinator's member left our view: stand soon (a random part in, so that
+        followers seeing it together rarely collide; pre-vote keeps a false alarm harmless)."""
+        if self.role == FOLLOWER:
+            self.election_deadline = min(self.election_deadline, now + self._jitter(self.lost_in_a_row))
 
     async def handle_tick(self) -> None:
         now = time.monotonic()
@@ -256,8 +279,7 @@ class ElectionService(Service):
         mine = read_config_height(self.data_dir)
         if config_height < mine:
             return f"config behind ({config_height} < {mine})"
-        if (self.leader not in (None, candidate) and now - self.leader_heard < self.timing.election_timeout
-                and self.role != LEADER):
+        if self.leader not in (None, candidate) and self.role != LEADER and self._leader_alive(now):
             return f"coordinator {self.leader} is alive"
         if self.role == LEADER and (term == self.term or self._majority_alive()):
             return "I am coordinator" + (" of this term" if term == self.term else " and see a majority")
@@ -290,8 +312,7 @@ class ElectionService(Service):
             self._observe_term(term)
             return {"granted": False, "term": self.term, "reason": f"config behind ({config_height} < {mine})"}
         # Stickiness: while a coordinator is heard, nobody else gets our vote.
-        if (self.leader not in (None, candidate) and now - self.leader_heard < self.timing.election_timeout
-                and self.role != LEADER):
+        if self.leader not in (None, candidate) and self.role != LEADER and self._leader_alive(now):
             return {"granted": False, "term": self.term, "reason": f"coordinator {self.leader} is alive"}
         if self.role == LEADER and term == self.term:
             return {"granted": False, "term": self.term, "reason": "I am coordinator of this term"}
@@ -341,8 +362,9 @@ class ElectionService(Service):
                 self.returned.add(name)         # it went away: when it comes back, anti-flap applies
         had_majority = self._majority_alive()
         self.view = view
-        if not had_majority and self._majority_alive() and self.role == FOLLOWER and (
-                self.leader is None or now - self.leader_heard >= self.timing.election_timeout):
+        if self.leader not in (None, self.member.name) and members.get(self.leader, {}).get("state") != "alive":
+            self._leader_lost(now)
+        if not had_majority and self._majority_alive() and self.role == FOLLOWER and not self._leader_alive(now):
             # a majority is back in view (a partition healed, members started) and nobody
             # leads: stand in name order, one probe interval apart, instead of after a random
             # election timeout; candidacies then rarely collide (pre-vote keeps it harmless)
@@ -382,7 +404,7 @@ class ElectionService(Service):
     def candidates(self, now: float) -> list[str]:
         """Nodes that may hold VIPs: alive in our view, running a vip service, stable."""
         members = self.view.get("members", {})
-        fresh = 3 * self.timing.dead_after
+        fresh = self.timing.report_fresh
         out = []
         for node in self.cluster.nodes:
             if members.get(node, {}).get("state") != "alive" and node != self.member.name:
@@ -428,7 +450,7 @@ class ElectionService(Service):
         """Does each VIP's assigned owner hold it? (vip.status, fresh only); a penalty starts
         when one cannot keep it (node.vipcore.HoldRecord)."""
         owners = self.assignment.get("owners", {}) if self.assignment.get("term") == self.term else {}
-        fresh = 3 * self.timing.dead_after            # as for candidates(): a slow link delays reports
+        fresh = self.timing.report_fresh              # as for candidates(): a slow link delays reports
         for spec in self.specs:
             if spec.follow:
                 continue                      # followers go wherever their leader goes
@@ -459,7 +481,7 @@ class ElectionService(Service):
                    "drained": sorted(self.drained), "pinned": self.pinned,
                    "candidates": self.candidates(now), "settled": settled}
         # computed every tick (P), sent when it changed, else every report_refresh: it is the
-        # coordinator's heartbeat too (followers stand after D of silence, ecluster.timing)
+        # coordinator's heartbeat too (followers stand after leader_timeout of silence, ecluster.timing)
         if (not force and content == self._assignment_sent
                 and now - self._assignment_sent_at < self.timing.report_refresh):
             return

@@ -16,7 +16,8 @@ A probe past its timeout has failed. The rise/fall counting is
 
 Publishes ``health.status`` {node, time, seq, checks: {name: {state, fails, rises, since,
 last_error, took}}, failing, unknown} at once when a check changes state, otherwise every
-``dead_after / 2`` as a heartbeat (the coordinator counts a report fresh for 3 × dead_after).
+``report_refresh`` as a heartbeat (the coordinator counts a report fresh for ``report_fresh``,
+:mod:`ecluster.timing`).
 The first report waits until every check has its first result (or its first timeout has
 passed), so a starting node does not announce "unknown" for checks about to answer.
 Raises ``alarm.check_failed`` when a check turns unhealthy; logs its recovery.
@@ -172,7 +173,7 @@ class HealthService(Service):
         self.states = {c.name: CheckState(fall=c.fall, rise=c.rise) for c in self.checks}
         self.seq = 0
         self.published_at = 0.0                  # monotonic, of the last health.status
-        self.heartbeat = max(0.05, cluster.timing.dead_after / 2)
+        self.heartbeat = cluster.timing.report_refresh
         self.tasks: list[asyncio.Task] = []
         self.wake = asyncio.Event()              # a state changed: publish now
         self.first_round_by = 0.0                # monotonic: first report at the latest

@@ -33,7 +33,7 @@ Loop, per VIP (state machine: :class:`node.vipcore.VipOwnerFSM`):
   announced again (gratuitous ARP / unsolicited NA), so no client keeps a stale neighbour entry.
 
 Publishes ``vip.status`` {node, held, states, load, ready} when it changes (checked every
-probe interval) and unchanged every ``report_refresh`` (D/3): the
+probe interval) and unchanged every ``report_refresh`` (ecluster.timing): the
 coordinator's evidence that this node can hold VIPs. ``ready`` turns true once every
 program of this member runs (supervisord's RUNNING): a node that comes back gets its
 preferred VIPs back only then (plus the anti-flap time), not while it is still starting.
@@ -677,7 +677,7 @@ class VipService(Service):
 
     async def handle_tick(self) -> None:
         # a changed status goes now; an unchanged one every report_refresh (ecluster.timing):
-        # the election counts it fresh for 3 D, and every member's election, hooks and
+        # the election counts it fresh for report_fresh, and every member's election, hooks and
         # VIP-watching plug-ins wake up for each copy
         if (self._status_body() != self._status_sent
                 or time.monotonic() - self._status_sent_at >= self.timing.report_refresh):

@@ -260,7 +260,8 @@ def test_not_root_is_not_measured(monkeypatch, capsys):
     doc = pm.measure(1, 1)
     assert doc == {"measured": False, "reason": "needs root (network and mount namespaces)"}
     assert pm.main(["--quick"]) == 0
-    assert capsys.readouterr().out.strip() == "pacemaker anchor: not measured (needs root (network and mount namespaces))"
+    assert capsys.readouterr().out.strip() == \
+        "pacemaker anchor: not measured (needs root (network and mount namespaces))"
 
 
 def test_missing_pacemaker_is_not_measured(monkeypatch):

@@ -378,8 +378,12 @@ def test_prevote_changes_nothing_and_follows_the_vote_rules(world):
     assert v.rpc_vote(term=4, candidate="n3", config_height=2)["granted"]
     assert not v.rpc_prevote(term=4, candidate="n2", config_height=2)["granted"]   # voted for n3 in 4
     assert v.rpc_prevote(term=5, candidate="n2", config_height=2)["granted"]
-    # while a coordinator is heard, nobody gets a pre-vote either (stickiness)
+    # a coordinator heard a moment ago whose member left our view does not hold votes back
     v.leader, v.leader_heard = "m1", fake.now
+    v.view = {"members": {"m1": {"state": "suspect"}}}
+    assert v.rpc_prevote(term=5, candidate="n2", config_height=2)["granted"]
+    # while a coordinator is alive in our view and heard, nobody gets a pre-vote (stickiness)
+    v.view = {"members": {"m1": {"state": "alive"}}}
     r = v.rpc_prevote(term=5, candidate="n2", config_height=2)
     assert not r["granted"] and "m1" in r["reason"]
     from services.base import ServiceError

@@ -394,7 +394,7 @@ timeout = 0.5
     assert {s[0]["check"]: s[1] for s in m["ecluster_check_healthy"]["samples"]} == {"hang": 0, "port": 0}
 
 
-def test_service_heartbeats_about_every_half_dead_after(make_cluster):
+def test_service_heartbeats_every_report_refresh(make_cluster):
     srv = Listener(None)
     svc, sent = health_service(make_cluster, f'[[check]]\nname = "p"\nkind = "tcp"\nport = {srv.port}\n'
                                              'interval = 0.1\n')

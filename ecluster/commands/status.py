@@ -11,19 +11,21 @@ from node.health import check_summary
 DEFAULT_TIMEOUT = 0.8
 
 
-def link_state(heard_ago: float | None, dead_after: float) -> str:
-    """A peer link as one word, from the seconds since its last heartbeat. Pure."""
-    if heard_ago is None:
-        return "never"
-    return "up" if heard_ago <= dead_after else "down"
+def link_state(link: dict | None, heard_ago: float | None = None) -> str:
+    """A peer link as one word, from bus.status's ``links`` row (the broker's failure
+    detector: up, or down since). Pure."""
+    if not isinstance(link, dict):
+        return "never" if heard_ago is None else "unknown"
+    if link.get("up"):
+        return "up"
+    return "never" if link.get("changes") == 0 else "down"
 
 
 def status_report(cluster, answered_by: str, bus_status: dict, control_status: dict | None,
                   control_error: str | None = None) -> dict[str, Any]:
     """Combine a member's bus.status and control.status replies into one report. Pure."""
-    # the broker heartbeats every half ZMTP interval; a peer is down once its link would be
-    dead_after = cluster.timing.zmq_heartbeat_timeout_ms / 1000
     peers = bus_status.get("peers", {}) or {}
+    links = bus_status.get("links", {}) or {}
     members = []
     for name, m in cluster.members.items():
         row = {"name": name, "role": m.role, "address": m.address, "bus": m.bus_endpoint}
@@ -32,7 +34,7 @@ def status_report(cluster, answered_by: str, bus_status: dict, control_status: d
         else:
             p = peers.get(name) or {}
             heard = p.get("heard_ago")
-            row.update(link=link_state(heard, dead_after), heard_ago=heard)
+            row.update(link=link_state(links.get(name), heard), heard_ago=heard)
         members.append(row)
     return {"cluster": cluster.name, "answered_by": answered_by, "members": members,
             "broker": {k: bus_status.get(k) for k in ("uptime", "pid", "counters")},
