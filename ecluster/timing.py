@@ -245,3 +245,55 @@ def preset(name: str) -> Timing:
         return PRESETS[name]
     except KeyError:
         raise KeyError(f"unknown timing preset {name!r} (known: {', '.join(sorted(PRESETS))})") from None
+
+
+def idle_message_rate(t: Timing, nodes: int, managers: int, vips: int = 1, logs: int = 1,
+                      catch_up_every: float = 3.0, pull_idle_wait: float = 2.0) -> dict:
+    """Bus messages per second an idle member's broker handles, by role (the mean over the
+    members of that role), as ``bus.status`` counts them: calls and replies it routes,
+    events its own services publish, events it takes from peers. Pure; bench/scale.py puts
+    it beside the measured rate and extrapolates with it.
+
+    With N = nodes + managers members (every one a voter), H = min(vips, nodes) holders,
+    hb = member_hb_every, rr = report_refresh, re = renew_every (L/3)::
+
+      membership   2/hb local (heartbeat, view) + (N-1)/hb from peers + 2/hb routed
+                   (its bus.status snapshot)                 -- the pings are libzmq's: 0
+      vip.status   nodes: 1/rr local; everyone: the other nodes' (nodes or nodes-1)/rr
+      assignment   1/rr (the coordinator's own, or taken from it)
+      leases       per holder and round: 2N at the holder (a promise and its reply per
+                   voter), 2 at every other voter: node mean H(2N + 2(nodes-1))/(nodes re),
+                   manager 2H/re
+      configsync   catch-up call to the coordinator: 2/c per member, and the coordinator's
+                   2(N-1)/c spread over all: 2/c + 2(N-1)/(N c)
+      logagg       every manager pulls every node's logs each idle wait w: manager
+                   2 nodes logs/w, node 2 managers logs/w
+
+    Every term is constant or linear in N: per member the idle cost grows linearly with the
+    cluster (the membership and vip.status terms, and leases through N voters), the whole
+    cluster's with N^2 (all-to-all). At the "lan" preset with one VIP: 3 + 1 members, 30
+    (node) and 24 (manager) per second; 7 + 2, 42 and 37; 29 + 3, 87 and 104. Leases are
+    the largest term while clusters are small (17 of a node's 30 at 3 + 1).
+    """
+    n_all = nodes + managers
+    holders = min(vips, nodes)
+    hb, rr, re = t.member_hb_every, t.report_refresh, t.renew_every
+    terms_node = {
+        "membership": (2 + (n_all - 1) + 2) / hb,
+        "vip.status": (1 + (nodes - 1)) / rr,
+        "assignment": 1 / rr,
+        "leases": holders * (2 * n_all + 2 * (nodes - 1)) / (nodes * re) if nodes else 0.0,
+        "configsync": 2 / catch_up_every + 2 * (n_all - 1) / (n_all * catch_up_every),
+        "logagg": 2 * managers * logs / pull_idle_wait,
+    }
+    terms_manager = {
+        "membership": terms_node["membership"],
+        "vip.status": nodes / rr,
+        "assignment": 1 / rr,
+        "leases": 2 * holders / re,
+        "configsync": terms_node["configsync"],
+        "logagg": 2 * nodes * logs / pull_idle_wait,
+    }
+    return {"node": round(sum(terms_node.values()), 3), "manager": round(sum(terms_manager.values()), 3),
+            "terms": {"node": {k: round(v, 3) for k, v in terms_node.items()},
+                      "manager": {k: round(v, 3) for k, v in terms_manager.items()}}}

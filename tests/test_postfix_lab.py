@@ -362,6 +362,7 @@ def test_mail_while_the_owner_is_killed(lc):
     accepted: dict[str, float] = {}
     ambiguous: set[str] = set()
     attempts = 0
+    refused = 0                              # sessions the new owner's kernel refused (no listener yet)
     t_kill = None
     n = 0
     start = time.monotonic()
@@ -374,6 +375,8 @@ def test_mail_while_the_owner_is_killed(lc):
             if r.returncode == 0:
                 accepted[mid] = time.monotonic()
                 break
+            if "Connection refused" in r.stdout + r.stderr:
+                refused += 1
             if " -> ." in r.stdout:           # the whole message was sent, the answer lost (RFC 1047)
                 ambiguous.add(mid)
             time.sleep(0.1)
@@ -384,8 +387,8 @@ def test_mail_while_the_owner_is_killed(lc):
             break
         assert time.monotonic() - start < 120, "mail stopped flowing"
     first_after = min(t for t in accepted.values() if t > t_kill) - t_kill
-    print(f"\n{len(accepted)} messages accepted in {attempts} swaks sessions; first 250 after the kill "
-          f"{first_after:.2f} s")
+    print(f"\n{len(accepted)} messages accepted in {attempts} swaks sessions ({refused} refused); first 250 "
+          f"after the kill {first_after:.2f} s")
     # an attempt under way at the kill waits out its timeout; the next one meets the new owner
     assert first_after < SWAKS_TIMEOUT + 2 * lc.cluster.timing.dead_after + 3.0
 
@@ -418,7 +421,9 @@ def test_mail_while_the_owner_is_killed(lc):
     def stamp(line: bytes) -> float:
         t = time.strptime(f"{time.gmtime().tm_year} " + line[:15].decode(), "%Y %b %d %H:%M:%S")
         return time.mktime(t) - time.timezone if False else __import__("calendar").timegm(t)
-    recent = sum(1 for ln in maillog_lines(lc, owner) if connect.search(ln) and stamp(ln) >= kill_wall - 3)
+    # (5 s of syslog stamps, whole seconds: the window open at the kill, the one closing, and
+    # the maillog tail's lag on a loaded box; 3 s was seen to be one short)
+    recent = sum(1 for ln in maillog_lines(lc, owner) if connect.search(ln) and stamp(ln) >= kill_wall - 5)
 
     def cidr() -> int:
         rep = lc.call("m1", "cidr_server", "query", timeout=5.0,
@@ -430,4 +435,5 @@ def test_mail_while_the_owner_is_killed(lc):
         print("cidr", cidr(), "connect lines", lines, "recent on the killed node", recent, "swaks sessions", attempts)
         raise
     print(f"CIDR {cidr()} for {lines} connect lines ({recent} in the killed node's last seconds)")
-    assert lines >= attempts - 3          # sessions the kill cut before Postfix logged them
+    # sessions the kill cut before Postfix logged them; a refused one never reached a Postfix
+    assert lines >= attempts - refused - 3

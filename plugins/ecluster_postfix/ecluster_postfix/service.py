@@ -276,6 +276,8 @@ class PostfixService(Service):
                 ok, out = await self._reload()
                 if not ok:
                     self.log.error("postfix reload (transports first) failed: %s", out)
+                else:
+                    self.log.info("reloaded with the transports of both address sets")
                 await asyncio.sleep(TRANSPORT_SETTLE)
             await self.offload(self._write_files, main, master)
             self.written, self.written_outbound = (main, master), outbound
@@ -284,6 +286,7 @@ class PostfixService(Service):
             ok, out = await self._reload()
             if ok:
                 self.counters["reloads"] += 1
+                self.log.info("reloaded: listening on %s", ", ".join(self._listening_now(master)) or "no VIP")
                 if set(outbound) - set(before_out):
                     # mail deferred for want of an address goes now; in the background, since
                     # postqueue may take a second on a busy host and the next VIP change waits
