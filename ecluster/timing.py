@@ -67,6 +67,9 @@ Derived:
                                     that computes it). Nobody reads a member's death from these
                                     any more (membership does, within about D), so they only
                                     have to show that the service behind them runs.
+                                    (vip.status: at most services.base.stale_after / 3, 0.7 s
+                                    on "lan": its watchers drop a silent node's VIPs after
+                                    stale_after.)
   report_fresh    = max(3 D, 3 report_refresh)
                                     a vip.status or health.status counts this long (two copies
                                     may be lost).

@@ -33,7 +33,7 @@ Loop, per VIP (state machine: :class:`node.vipcore.VipOwnerFSM`):
   announced again (gratuitous ARP / unsolicited NA), so no client keeps a stale neighbour entry.
 
 Publishes ``vip.status`` {node, held, states, load, ready} when it changes (checked every
-probe interval) and unchanged every ``report_refresh`` (ecluster.timing): the
+probe interval) and unchanged every ``min(report_refresh, stale_after / 3)`` (0.7 s on lan): the
 coordinator's evidence that this node can hold VIPs. ``ready`` turns true once every
 program of this member runs (supervisord's RUNNING): a node that comes back gets its
 preferred VIPs back only then (plus the anti-flap time), not while it is still starting.
@@ -59,7 +59,7 @@ from typing import Any
 from bus.client import BusError
 from node.vipcore import (Action, Event, LeaseBook, State, VipError, VipOwnerFSM, effective_capabilities,
                           vip_key, vip_plumbing_refusal)
-from services.base import Service, rpc
+from services.base import Service, rpc, stale_after
 from bus import roles as access
 
 
@@ -101,6 +101,9 @@ class VipService(Service):
         super().__init__(cluster, member)
         t = cluster.timing
         type(self).tick_interval = t.probe_interval
+        # the VIP watchers (base.watch_vips: the Postfix plug-in, hooks) count everything
+        # released after stale_after of silence: three copies within it, so one late is harmless
+        self.status_refresh = min(t.report_refresh, stale_after(t) / 3)
         self.specs = {vip_key(v.address): v for v in cluster.vips}
         self.fsm = {k: VipOwnerFSM(k) for k in self.specs}
         self.guard = min(0.02, t.margin / 4)
@@ -680,7 +683,7 @@ class VipService(Service):
         # the election counts it fresh for report_fresh, and every member's election, hooks and
         # VIP-watching plug-ins wake up for each copy
         if (self._status_body() != self._status_sent
-                or time.monotonic() - self._status_sent_at >= self.timing.report_refresh):
+                or time.monotonic() - self._status_sent_at >= self.status_refresh):
             await self._publish_status()
 
     def _status_body(self) -> dict:
