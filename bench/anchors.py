@@ -42,6 +42,34 @@ def terminate_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def bench_main(name: str, argv: list[str], parse_args, run, report, error: type[Exception],
+               exit_code=lambda doc: 0, interrupted: str = "interrupted; everything started was stopped") -> int:
+    """A bench's main(): arguments (``error`` from ``parse_args``: one line, exit 2), SIGTERM
+    unwinding like Ctrl-C, ``run(args)`` (``error``: one line, exit 1; Ctrl-C: exit 130), the
+    report on stdout, the JSON to ``args.json`` if asked, then ``exit_code(doc)``."""
+    import json
+    try:
+        args = parse_args(argv)
+    except error as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    terminate_on_sigterm()
+    try:
+        doc = run(args)
+    except error as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: {interrupted}", file=sys.stderr)
+        return 130
+    print()
+    print(report(doc))
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        print(f"\nJSON: {args.json}")
+    return exit_code(doc)
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct tcp ports free on 127.0.0.1 right now."""
     socks = [socket.socket() for _ in range(n)]

@@ -928,32 +928,21 @@ def run(args: argparse.Namespace) -> dict:
     return doc
 
 
+def checked_args(argv: list[str]) -> argparse.Namespace:
+    """parse_args, and what this bench needs before it starts (BenchError: exit 2)."""
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        raise BenchError("bench/failover.py needs root (network namespaces, keepalived): run it with sudo")
+    if not args.no_keepalived and not KA_FAILOVER.exists():
+        raise BenchError(f"keepalived anchor scripts not found in {ANCHORS}")
+    return args
+
+
 def main(argv: list[str]) -> int:
-    try:
-        args = parse_args(argv)
-        if os.geteuid() != 0:
-            raise BenchError("bench/failover.py needs root (network namespaces, keepalived): run it with sudo")
-        if not args.no_keepalived and not KA_FAILOVER.exists():
-            raise BenchError(f"keepalived anchor scripts not found in {ANCHORS}")
-    except BenchError as e:
-        print(f"failover: {e}", file=sys.stderr)
-        return 2
-    from anchors import terminate_on_sigterm   # bench/ is this script's directory
-    terminate_on_sigterm()
-    try:
-        doc = run(args)
-    except BenchError as e:
-        print(f"failover: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("failover: interrupted; labs removed", file=sys.stderr)
-        return 130
-    print()
-    print(format_table(doc["summaries"], doc["comparisons"], doc["targets"]))
-    if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        print(f"\nJSON: {args.json}")
-    return 0
+    from anchors import bench_main   # bench/ is this script's directory
+    return bench_main("failover", argv, checked_args, run,
+                      lambda doc: format_table(doc["summaries"], doc["comparisons"], doc["targets"]),
+                      BenchError, interrupted="interrupted; labs removed")
 
 
 if __name__ == "__main__":

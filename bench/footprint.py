@@ -51,7 +51,6 @@ and on Ctrl-C / SIGTERM.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -1053,27 +1052,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args = parse_args(argv)
-    except BenchError as e:
-        print(f"footprint: {e}", file=sys.stderr)
-        return 2
-    from anchors import terminate_on_sigterm   # bench/ is this script's directory
-    terminate_on_sigterm()
-    try:
-        doc = run(args)
-    except BenchError as e:
-        print(f"footprint: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("footprint: interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    print()
-    print(format_report(doc))
-    if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        print(f"\nJSON: {args.json}")
-    return 1 if any("error" in r for r in doc["sizes"].values()) else 0
+    from anchors import bench_main   # bench/ is this script's directory
+    return bench_main("footprint", argv, parse_args, run, format_report, BenchError,
+                      exit_code=lambda doc: 1 if any("error" in r for r in doc["sizes"].values()) else 0)
 
 
 if __name__ == "__main__":

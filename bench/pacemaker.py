@@ -348,14 +348,8 @@ def membership_flaps(log_text: str, kills: list[tuple[float, float]], killed_id:
     return n
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile ``q`` (0..100) of ``values`` (Nones ignored); None when empty.
-    The same definition as bench/failover.py. Pure."""
-    v = sorted(x for x in values if x is not None)
-    if not v:
-        return None
-    rank = max(1, math.ceil(q / 100 * len(v)))
-    return v[min(rank, len(v)) - 1]
+#: nearest-rank percentile, the same definition as bench/failover.py's (its own)
+percentile = _bench_module("failover").percentile
 
 
 def summarize(values: list[float | None]) -> dict:

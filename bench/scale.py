@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import platform
@@ -853,27 +852,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args = parse_args(argv)
-    except BenchError as e:
-        print(f"scale: {e}", file=sys.stderr)
-        return 2
     anchors = _load("bench_anchors", REPO / "bench" / "anchors.py")
-    anchors.terminate_on_sigterm()
-    try:
-        doc = run(args)
-    except BenchError as e:
-        print(f"scale: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("scale: interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    print()
-    print(format_report(doc))
-    if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        print(f"\nJSON: {args.json}")
-    return 1 if any("error" in r for r in doc["sizes"].values()) else 0
+    return anchors.bench_main("scale", argv, parse_args, run, format_report, BenchError,
+                              exit_code=lambda doc: 1 if any("error" in r for r in doc["sizes"].values()) else 0)
 
 
 if __name__ == "__main__":

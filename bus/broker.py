@@ -367,12 +367,8 @@ class Broker:
             if sock is None:
                 continue
             self._unregister(sock)
-            if sock is link.sub and link.sub_monitor is not None:
-                try:
-                    sock.disable_monitor()
-                except zmq.ZMQError:
-                    pass
-            if sock is link.dealer and link.monitor is not None:
+            if (sock is link.sub and link.sub_monitor is not None) or (
+                    sock is link.dealer and link.monitor is not None):
                 try:
                     sock.disable_monitor()
                 except zmq.ZMQError:

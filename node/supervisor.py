@@ -188,7 +188,6 @@ def run_member(cluster: Cluster, member: str, config_path: Path | str | None = N
     """
     m = cluster.member(member)
     ensure_data_dir(m)
-    supervisord = find_supervisord()
     with data_dir_lock(m) as lock:
         conf = conf_path(m)
         # the service list is found in a child: loading every service class to ask where it
@@ -211,7 +210,7 @@ def run_member(cluster: Cluster, member: str, config_path: Path | str | None = N
             sys.stdout.flush()
             sys.stderr.flush()
             os.execv(sys.executable, [sys.executable, "-m", "node.zygote", "-n", "-c", str(conf)])
-        child = subprocess.Popen([supervisord, "-n", "-c", str(conf)], pass_fds=(lock.fd,),
+        child = subprocess.Popen([find_supervisord(), "-n", "-c", str(conf)], pass_fds=(lock.fd,),
                                  preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
 
         def forward(signum, _frame):
